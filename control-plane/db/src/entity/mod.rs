@@ -1,0 +1,7 @@
+//! sea-orm entities, private to this crate. Callers see the plain records in `records`.
+
+pub mod admin_credential;
+pub mod audit_event;
+pub mod certificate_authority;
+pub mod enrollment_token;
+pub mod node;

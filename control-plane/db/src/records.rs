@@ -1,0 +1,169 @@
+//! Plain records the storage layer hands out and takes in. No ORM types cross this line.
+
+use std::collections::BTreeMap;
+
+/// Unix seconds, UTC.
+pub type UnixSeconds = i64;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaRecord {
+    pub certificate_pem: String,
+    pub private_key_pem: String,
+    pub created_at: UnixSeconds,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminCredentialRecord {
+    pub id: String,
+    pub name: String,
+    pub secret_hash: String,
+    pub role: String,
+    pub created_at: UnixSeconds,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EnrollmentTokenRecord {
+    pub id: String,
+    pub secret_hash: String,
+    pub description: String,
+    pub created_by: String,
+    pub created_at: UnixSeconds,
+    pub expires_at: UnixSeconds,
+    pub used_at: Option<UnixSeconds>,
+    pub used_by_node_id: Option<String>,
+    pub revoked_at: Option<UnixSeconds>,
+}
+
+/// Why an enrollment token was not accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenRejection {
+    #[error("unknown enrollment token")]
+    Unknown,
+    #[error("enrollment token secret does not match (forged or mistyped token)")]
+    WrongSecret,
+    #[error("enrollment token was already used")]
+    AlreadyUsed,
+    #[error("enrollment token has expired")]
+    Expired,
+    #[error("enrollment token was revoked")]
+    Revoked,
+}
+
+impl TokenRejection {
+    /// Short machine-readable reason for the audit log and metrics.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::WrongSecret => "wrong_secret",
+            Self::AlreadyUsed => "already_used",
+            Self::Expired => "expired",
+            Self::Revoked => "revoked",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NodeState {
+    Ready,
+    Unavailable,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Unavailable => "unavailable",
+        }
+    }
+
+    pub(crate) fn parse(text: &str) -> Option<Self> {
+        match text {
+            "ready" => Some(Self::Ready),
+            "unavailable" => Some(Self::Unavailable),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeRecord {
+    pub id: String,
+    pub name: String,
+    pub state: NodeState,
+    pub cordoned: bool,
+    pub draining: bool,
+    pub labels: BTreeMap<String, String>,
+    pub agent_version: String,
+    /// The agent's last reported inventory as JSON; empty object before the first session.
+    pub inventory_json: String,
+    pub desired_generation: u64,
+    pub applied_generation: u64,
+    pub enrolled_at: UnixSeconds,
+    pub state_changed_at: UnixSeconds,
+    pub certificate_serial: String,
+    pub certificate_not_after: UnixSeconds,
+}
+
+/// What enrollment stores about a new node.
+#[derive(Clone, Debug)]
+pub struct NewNode {
+    pub id: String,
+    pub requested_name: String,
+    pub agent_version: String,
+    pub certificate_serial: String,
+    pub certificate_not_after: UnixSeconds,
+}
+
+/// One audit event before it is chained.
+#[derive(Clone, Debug)]
+pub struct NewAuditEvent {
+    pub at: UnixSeconds,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub details: serde_json::Value,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    pub seq: i64,
+    pub at: UnixSeconds,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub details: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+/// Hash of the (empty) event before the first one.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+impl AuditRecord {
+    /// The chain hash: sha256 over every field but `hash` itself, each length-prefixed so
+    /// that no two different events serialise to the same bytes.
+    pub fn chain_hash(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(self.seq.to_be_bytes());
+        h.update(self.at.to_be_bytes());
+        for field in [
+            &self.actor,
+            &self.action,
+            &self.target,
+            &self.outcome,
+            &self.details,
+            &self.prev_hash,
+        ] {
+            h.update((field.len() as u64).to_be_bytes());
+            h.update(field.as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
+    pub fn hash_is_valid(&self) -> bool {
+        self.chain_hash() == self.hash
+    }
+}

@@ -1,0 +1,741 @@
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait,
+    Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
+    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+use steward_migrations::{Migrator, MigratorTrait};
+
+use crate::entity::{admin_credential, audit_event, certificate_authority, enrollment_token, node};
+use crate::records::*;
+
+const CA_ROW_ID: &str = "fleet";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("cannot open the database at {url}")]
+    Connect {
+        url: String,
+        #[source]
+        source: DbErr,
+    },
+    #[error("applying database migrations failed")]
+    Migrate(#[source] DbErr),
+    #[error("database operation failed")]
+    Query(#[from] DbErr),
+    #[error("stored {what} is corrupt: {detail}")]
+    Corrupt { what: &'static str, detail: String },
+    #[error("{0} not found")]
+    NotFound(String),
+}
+
+/// Handle to the control plane's database. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+    writes: Arc<AtomicU64>,
+    /// Serialises audit appends within this process; the unique `seq` primary key catches a
+    /// concurrent writer in another process.
+    audit_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.db.get_database_backend())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens the database at `url` (`sqlite://PATH?mode=rwc` or `postgres://…`) and applies
+    /// every pending migration.
+    pub async fn connect(url: &str) -> Result<Self, DbError> {
+        let mut opts = ConnectOptions::new(url.to_owned());
+        opts.sqlx_logging(false)
+            .connect_timeout(Duration::from_secs(10))
+            .acquire_timeout(Duration::from_secs(30));
+        if url.starts_with("sqlite:") {
+            // One writer at a time is all SQLite allows; a small pool avoids lock churn.
+            opts.max_connections(4).min_connections(1);
+            opts.map_sqlx_sqlite_opts(|o| {
+                o.journal_mode(SqliteJournalMode::Wal)
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(30))
+                    .foreign_keys(true)
+                    .create_if_missing(true)
+            });
+        } else {
+            opts.max_connections(32).min_connections(2);
+        }
+        let db = Database::connect(opts)
+            .await
+            .map_err(|source| DbError::Connect {
+                url: redact_url(url),
+                source,
+            })?;
+        Migrator::up(&db, None).await.map_err(DbError::Migrate)?;
+        Ok(Self {
+            db,
+            writes: Arc::new(AtomicU64::new(0)),
+            audit_lock: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self.db.get_database_backend() {
+            DbBackend::Sqlite => "sqlite",
+            DbBackend::Postgres => "postgres",
+            _ => "other",
+        }
+    }
+
+    /// Write transactions committed since this handle was opened (for `/metrics`).
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
+    fn count_write(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub async fn ping(&self) -> Result<(), DbError> {
+        self.db.ping().await.map_err(DbError::Query)
+    }
+
+    pub async fn close(self) {
+        let _ = self.db.close().await;
+    }
+
+    // ---- certificate authority -------------------------------------------------------
+
+    pub async fn load_ca(&self) -> Result<Option<CaRecord>, DbError> {
+        Ok(certificate_authority::Entity::find_by_id(CA_ROW_ID)
+            .one(&self.db)
+            .await?
+            .map(|m| CaRecord {
+                certificate_pem: m.certificate_pem,
+                private_key_pem: m.private_key_pem,
+                created_at: m.created_at,
+            }))
+    }
+
+    /// Stores the CA unless one exists; returns whichever CA is stored afterwards, so two
+    /// control planes starting at once on one database agree on a single CA.
+    pub async fn insert_ca_if_absent(
+        &self,
+        ca: CaRecord,
+        audit: NewAuditEvent,
+    ) -> Result<CaRecord, DbError> {
+        let txn = self.db.begin().await?;
+        let inserted = certificate_authority::Entity::insert(certificate_authority::ActiveModel {
+            id: Set(CA_ROW_ID.to_owned()),
+            certificate_pem: Set(ca.certificate_pem),
+            private_key_pem: Set(ca.private_key_pem),
+            created_at: Set(ca.created_at),
+        })
+        .on_conflict(
+            OnConflict::column(certificate_authority::Column::Id)
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&txn)
+        .await?;
+        if inserted == 1 {
+            self.append_audit_in(&txn, audit).await?;
+        }
+        txn.commit().await?;
+        self.count_write();
+        self.load_ca()
+            .await?
+            .ok_or_else(|| DbError::NotFound("certificate authority".into()))
+    }
+
+    // ---- admin credentials -----------------------------------------------------------
+
+    pub async fn admin_credential_count(&self) -> Result<u64, DbError> {
+        use sea_orm::PaginatorTrait;
+        Ok(admin_credential::Entity::find().count(&self.db).await?)
+    }
+
+    pub async fn insert_admin_credential(
+        &self,
+        cred: AdminCredentialRecord,
+        audit: NewAuditEvent,
+    ) -> Result<(), DbError> {
+        let txn = self.db.begin().await?;
+        admin_credential::ActiveModel {
+            id: Set(cred.id),
+            name: Set(cred.name),
+            secret_hash: Set(cred.secret_hash),
+            role: Set(cred.role),
+            created_at: Set(cred.created_at),
+        }
+        .insert(&txn)
+        .await?;
+        self.append_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        self.count_write();
+        Ok(())
+    }
+
+    pub async fn find_admin_credential(
+        &self,
+        id: &str,
+    ) -> Result<Option<AdminCredentialRecord>, DbError> {
+        Ok(admin_credential::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .map(|m| AdminCredentialRecord {
+                id: m.id,
+                name: m.name,
+                secret_hash: m.secret_hash,
+                role: m.role,
+                created_at: m.created_at,
+            }))
+    }
+
+    // ---- enrollment tokens -----------------------------------------------------------
+
+    pub async fn insert_enrollment_token(
+        &self,
+        token: EnrollmentTokenRecord,
+        audit: NewAuditEvent,
+    ) -> Result<(), DbError> {
+        let txn = self.db.begin().await?;
+        enrollment_token::ActiveModel {
+            id: Set(token.id),
+            secret_hash: Set(token.secret_hash),
+            description: Set(token.description),
+            created_by: Set(token.created_by),
+            created_at: Set(token.created_at),
+            expires_at: Set(token.expires_at),
+            used_at: Set(token.used_at),
+            used_by_node_id: Set(token.used_by_node_id),
+            revoked_at: Set(token.revoked_at),
+        }
+        .insert(&txn)
+        .await?;
+        self.append_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        self.count_write();
+        Ok(())
+    }
+
+    pub async fn list_enrollment_tokens(&self) -> Result<Vec<EnrollmentTokenRecord>, DbError> {
+        Ok(enrollment_token::Entity::find()
+            .order_by_asc(enrollment_token::Column::CreatedAt)
+            .order_by_asc(enrollment_token::Column::Id)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(token_record)
+            .collect())
+    }
+
+    pub async fn find_enrollment_token(
+        &self,
+        id: &str,
+    ) -> Result<Option<EnrollmentTokenRecord>, DbError> {
+        Ok(enrollment_token::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .map(token_record))
+    }
+
+    /// Revokes an unused token. Revoking twice is harmless and audited once.
+    pub async fn revoke_enrollment_token(
+        &self,
+        id: &str,
+        now: UnixSeconds,
+        audit: NewAuditEvent,
+    ) -> Result<EnrollmentTokenRecord, DbError> {
+        let txn = self.db.begin().await?;
+        let changed = enrollment_token::Entity::update_many()
+            .col_expr(enrollment_token::Column::RevokedAt, Expr::value(now))
+            .filter(enrollment_token::Column::Id.eq(id))
+            .filter(enrollment_token::Column::RevokedAt.is_null())
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        let token = enrollment_token::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| DbError::NotFound(format!("enrollment token {id}")))?;
+        if changed == 1 {
+            self.append_audit_in(&txn, audit).await?;
+        }
+        txn.commit().await?;
+        self.count_write();
+        Ok(token_record(token))
+    }
+
+    /// Consumes a token and creates the node it enrolls, atomically: a token can enroll at
+    /// most one node even when two agents race with it.
+    pub async fn enroll_node(
+        &self,
+        token_id: &str,
+        secret_hash: &str,
+        now: UnixSeconds,
+        new: NewNode,
+        audit: NewAuditEvent,
+    ) -> Result<Result<NodeRecord, TokenRejection>, DbError> {
+        let txn = self.db.begin().await?;
+        let Some(token) = enrollment_token::Entity::find_by_id(token_id)
+            .one(&txn)
+            .await?
+        else {
+            return Ok(Err(TokenRejection::Unknown));
+        };
+        if !constant_time_eq(token.secret_hash.as_bytes(), secret_hash.as_bytes()) {
+            return Ok(Err(TokenRejection::WrongSecret));
+        }
+        if token.revoked_at.is_some() {
+            return Ok(Err(TokenRejection::Revoked));
+        }
+        if token.used_at.is_some() {
+            return Ok(Err(TokenRejection::AlreadyUsed));
+        }
+        if token.expires_at <= now {
+            return Ok(Err(TokenRejection::Expired));
+        }
+        let claimed = enrollment_token::Entity::update_many()
+            .col_expr(enrollment_token::Column::UsedAt, Expr::value(now))
+            .col_expr(
+                enrollment_token::Column::UsedByNodeId,
+                Expr::value(new.id.clone()),
+            )
+            .filter(enrollment_token::Column::Id.eq(token_id))
+            .filter(enrollment_token::Column::UsedAt.is_null())
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        if claimed != 1 {
+            return Ok(Err(TokenRejection::AlreadyUsed));
+        }
+        let name = unique_node_name(&txn, &new.requested_name, &new.id).await?;
+        let model = node::ActiveModel {
+            id: Set(new.id),
+            name: Set(name),
+            state: Set(NodeState::Unavailable.as_str().to_owned()),
+            cordoned: Set(false),
+            draining: Set(false),
+            labels: Set("{}".to_owned()),
+            agent_version: Set(new.agent_version),
+            inventory: Set("{}".to_owned()),
+            desired_generation: Set(1),
+            applied_generation: Set(0),
+            enrolled_at: Set(now),
+            state_changed_at: Set(now),
+            certificate_serial: Set(new.certificate_serial),
+            certificate_not_after: Set(new.certificate_not_after),
+        }
+        .insert(&txn)
+        .await?;
+        let mut audit = audit;
+        audit.target = model.id.clone();
+        self.append_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        self.count_write();
+        node_record(model).map(Ok)
+    }
+
+    // ---- nodes -----------------------------------------------------------------------
+
+    pub async fn list_nodes(&self) -> Result<Vec<NodeRecord>, DbError> {
+        node::Entity::find()
+            .order_by_asc(node::Column::Name)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(node_record)
+            .collect()
+    }
+
+    pub async fn get_node(&self, id: &str) -> Result<Option<NodeRecord>, DbError> {
+        node::Entity::find_by_id(id)
+            .one(&self.db)
+            .await?
+            .map(node_record)
+            .transpose()
+    }
+
+    /// A node by ID, or else by name.
+    pub async fn find_node(&self, id_or_name: &str) -> Result<Option<NodeRecord>, DbError> {
+        if let Some(node) = self.get_node(id_or_name).await? {
+            return Ok(Some(node));
+        }
+        node::Entity::find()
+            .filter(node::Column::Name.eq(id_or_name))
+            .one(&self.db)
+            .await?
+            .map(node_record)
+            .transpose()
+    }
+
+    /// Node counts by state, for `/metrics`.
+    pub async fn count_nodes_by_state(&self) -> Result<BTreeMap<String, u64>, DbError> {
+        let rows: Vec<(String, i64)> = node::Entity::find()
+            .select_only()
+            .column(node::Column::State)
+            .column_as(node::Column::Id.count(), "n")
+            .group_by(node::Column::State)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(state, n)| (state, n.max(0) as u64))
+            .collect())
+    }
+
+    /// Records that a node's agent opened a session: ready, with its inventory and version.
+    pub async fn record_node_connected(
+        &self,
+        id: &str,
+        agent_version: &str,
+        inventory_json: &str,
+        applied_generation: u64,
+        now: UnixSeconds,
+    ) -> Result<NodeRecord, DbError> {
+        let changed = node::Entity::update_many()
+            .col_expr(node::Column::State, Expr::value(NodeState::Ready.as_str()))
+            .col_expr(node::Column::StateChangedAt, Expr::value(now))
+            .col_expr(node::Column::AgentVersion, Expr::value(agent_version))
+            .col_expr(node::Column::Inventory, Expr::value(inventory_json))
+            .col_expr(
+                node::Column::AppliedGeneration,
+                Expr::value(to_i64(applied_generation)),
+            )
+            .filter(node::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?
+            .rows_affected;
+        self.count_write();
+        if changed == 0 {
+            return Err(DbError::NotFound(format!("node {id}")));
+        }
+        self.get_node(id)
+            .await?
+            .ok_or_else(|| DbError::NotFound(format!("node {id}")))
+    }
+
+    /// Marks a node unavailable; a no-op (and no write) if it already is.
+    pub async fn record_node_unavailable(
+        &self,
+        id: &str,
+        now: UnixSeconds,
+    ) -> Result<bool, DbError> {
+        let changed = node::Entity::update_many()
+            .col_expr(
+                node::Column::State,
+                Expr::value(NodeState::Unavailable.as_str()),
+            )
+            .col_expr(node::Column::StateChangedAt, Expr::value(now))
+            .filter(node::Column::Id.eq(id))
+            .filter(node::Column::State.ne(NodeState::Unavailable.as_str()))
+            .exec(&self.db)
+            .await?
+            .rows_affected;
+        if changed > 0 {
+            self.count_write();
+        }
+        Ok(changed > 0)
+    }
+
+    /// At start no session exists yet, so no node can be ready.
+    pub async fn mark_all_nodes_unavailable(&self, now: UnixSeconds) -> Result<u64, DbError> {
+        let changed = node::Entity::update_many()
+            .col_expr(
+                node::Column::State,
+                Expr::value(NodeState::Unavailable.as_str()),
+            )
+            .col_expr(node::Column::StateChangedAt, Expr::value(now))
+            .filter(node::Column::State.ne(NodeState::Unavailable.as_str()))
+            .exec(&self.db)
+            .await?
+            .rows_affected;
+        self.count_write();
+        Ok(changed)
+    }
+
+    pub async fn record_inventory(&self, id: &str, inventory_json: &str) -> Result<(), DbError> {
+        node::Entity::update_many()
+            .col_expr(node::Column::Inventory, Expr::value(inventory_json))
+            .filter(node::Column::Id.eq(id))
+            .exec(&self.db)
+            .await?;
+        self.count_write();
+        Ok(())
+    }
+
+    /// Stores the generation an agent acknowledged; only ever moves forward.
+    pub async fn record_applied_generation(
+        &self,
+        id: &str,
+        generation: u64,
+    ) -> Result<bool, DbError> {
+        let changed = node::Entity::update_many()
+            .col_expr(
+                node::Column::AppliedGeneration,
+                Expr::value(to_i64(generation)),
+            )
+            .filter(node::Column::Id.eq(id))
+            .filter(node::Column::AppliedGeneration.lt(to_i64(generation)))
+            .exec(&self.db)
+            .await?
+            .rows_affected;
+        if changed > 0 {
+            self.count_write();
+        }
+        Ok(changed > 0)
+    }
+
+    /// Sets cordon and drain flags. When the desired state an agent sees changes (the drain
+    /// flag), the desired generation is bumped in the same write.
+    pub async fn set_node_scheduling(
+        &self,
+        id: &str,
+        cordoned: bool,
+        draining: bool,
+        audit: NewAuditEvent,
+    ) -> Result<NodeRecord, DbError> {
+        let txn = self.db.begin().await?;
+        let current = node::Entity::find_by_id(id)
+            .one(&txn)
+            .await?
+            .ok_or_else(|| DbError::NotFound(format!("node {id}")))?;
+        if current.cordoned == cordoned && current.draining == draining {
+            return node_record(current);
+        }
+        let bump = i64::from(current.draining != draining);
+        let desired_generation = current.desired_generation + bump;
+        let mut model: node::ActiveModel = current.into();
+        model.cordoned = Set(cordoned);
+        model.draining = Set(draining);
+        model.desired_generation = Set(desired_generation);
+        let updated = model.update(&txn).await?;
+        self.append_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        self.count_write();
+        node_record(updated)
+    }
+
+    pub async fn record_certificate(
+        &self,
+        id: &str,
+        serial: &str,
+        not_after: UnixSeconds,
+        audit: NewAuditEvent,
+    ) -> Result<(), DbError> {
+        let txn = self.db.begin().await?;
+        node::Entity::update_many()
+            .col_expr(node::Column::CertificateSerial, Expr::value(serial))
+            .col_expr(node::Column::CertificateNotAfter, Expr::value(not_after))
+            .filter(node::Column::Id.eq(id))
+            .exec(&txn)
+            .await?;
+        self.append_audit_in(&txn, audit).await?;
+        txn.commit().await?;
+        self.count_write();
+        Ok(())
+    }
+
+    // ---- audit log -------------------------------------------------------------------
+
+    /// Appends one event on its own (for outcomes that change no other state, such as a
+    /// refused enrollment).
+    pub async fn append_audit(&self, event: NewAuditEvent) -> Result<AuditRecord, DbError> {
+        let txn = self.db.begin().await?;
+        let record = self.append_audit_in(&txn, event).await?;
+        txn.commit().await?;
+        self.count_write();
+        Ok(record)
+    }
+
+    /// Every audit event in order.
+    pub async fn audit_events(&self) -> Result<Vec<AuditRecord>, DbError> {
+        Ok(audit_event::Entity::find()
+            .order_by_asc(audit_event::Column::Seq)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|m| AuditRecord {
+                seq: m.seq,
+                at: m.at,
+                actor: m.actor,
+                action: m.action,
+                target: m.target,
+                outcome: m.outcome,
+                details: m.details,
+                prev_hash: m.prev_hash,
+                hash: m.hash,
+            })
+            .collect())
+    }
+
+    async fn append_audit_in(
+        &self,
+        txn: &DatabaseTransaction,
+        event: NewAuditEvent,
+    ) -> Result<AuditRecord, DbError> {
+        let _guard = self.audit_lock.lock().await;
+        let last = audit_event::Entity::find()
+            .order_by_desc(audit_event::Column::Seq)
+            .one(txn)
+            .await?;
+        let (seq, prev_hash) = match last {
+            Some(last) => (last.seq + 1, last.hash),
+            None => (1, GENESIS_HASH.to_owned()),
+        };
+        let mut record = AuditRecord {
+            seq,
+            at: event.at,
+            actor: event.actor,
+            action: event.action,
+            target: event.target,
+            outcome: event.outcome,
+            details: event.details.to_string(),
+            prev_hash,
+            hash: String::new(),
+        };
+        record.hash = record.chain_hash();
+        audit_event::ActiveModel {
+            seq: Set(record.seq),
+            at: Set(record.at),
+            actor: Set(record.actor.clone()),
+            action: Set(record.action.clone()),
+            target: Set(record.target.clone()),
+            outcome: Set(record.outcome.clone()),
+            details: Set(record.details.clone()),
+            prev_hash: Set(record.prev_hash.clone()),
+            hash: Set(record.hash.clone()),
+        }
+        .insert(txn)
+        .await?;
+        Ok(record)
+    }
+
+    /// Runs raw SQL; for schema checks in tests only.
+    #[doc(hidden)]
+    pub async fn execute_unprepared(&self, sql: &str) -> Result<(), DbError> {
+        self.db.execute_unprepared(sql).await?;
+        Ok(())
+    }
+}
+
+async fn unique_node_name(
+    txn: &DatabaseTransaction,
+    requested: &str,
+    id: &str,
+) -> Result<String, DbError> {
+    let base = if requested.trim().is_empty() {
+        format!("node-{}", &id[..8.min(id.len())])
+    } else {
+        requested.trim().to_owned()
+    };
+    let mut candidate = base.clone();
+    for attempt in 0.. {
+        let taken = node::Entity::find()
+            .filter(node::Column::Name.eq(candidate.as_str()))
+            .one(txn)
+            .await?
+            .is_some();
+        if !taken {
+            break;
+        }
+        candidate = if attempt == 0 {
+            format!("{base}-{}", &id[..6.min(id.len())])
+        } else {
+            format!("{base}-{}-{attempt}", &id[..6.min(id.len())])
+        };
+    }
+    Ok(candidate)
+}
+
+fn token_record(m: enrollment_token::Model) -> EnrollmentTokenRecord {
+    EnrollmentTokenRecord {
+        id: m.id,
+        secret_hash: m.secret_hash,
+        description: m.description,
+        created_by: m.created_by,
+        created_at: m.created_at,
+        expires_at: m.expires_at,
+        used_at: m.used_at,
+        used_by_node_id: m.used_by_node_id,
+        revoked_at: m.revoked_at,
+    }
+}
+
+fn node_record(m: node::Model) -> Result<NodeRecord, DbError> {
+    let state = NodeState::parse(&m.state).ok_or_else(|| DbError::Corrupt {
+        what: "node state",
+        detail: format!("node {} has state `{}`", m.id, m.state),
+    })?;
+    let labels = serde_json::from_str(&m.labels).map_err(|e| DbError::Corrupt {
+        what: "node labels",
+        detail: format!("node {}: {e}", m.id),
+    })?;
+    Ok(NodeRecord {
+        id: m.id,
+        name: m.name,
+        state,
+        cordoned: m.cordoned,
+        draining: m.draining,
+        labels,
+        agent_version: m.agent_version,
+        inventory_json: m.inventory,
+        desired_generation: m.desired_generation.max(0) as u64,
+        applied_generation: m.applied_generation.max(0) as u64,
+        enrolled_at: m.enrolled_at,
+        state_changed_at: m.state_changed_at,
+        certificate_serial: m.certificate_serial,
+        certificate_not_after: m.certificate_not_after,
+    })
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Drops a password from a database URL before it is shown in an error.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted_from_database_urls() {
+        assert_eq!(
+            redact_url("postgres://steward:hunter2@db:5432/steward"),
+            "postgres://steward:***@db:5432/steward"
+        );
+        assert_eq!(
+            redact_url("postgres://postgres@127.0.0.1/x"),
+            "postgres://postgres@127.0.0.1/x"
+        );
+        assert_eq!(redact_url("sqlite:///tmp/a.db"), "sqlite:///tmp/a.db");
+    }
+}

@@ -1,0 +1,34 @@
+//! `steward`: the admin CLI.
+
+use clap::Parser;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> std::process::ExitCode {
+    let cli = steward_control_plane::cli::Cli::parse();
+    match steward_control_plane::cli::run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", cli_error(&e));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// gRPC errors read best as their message alone; everything else with its cause chain.
+fn cli_error(e: &anyhow::Error) -> String {
+    if let Some(status) = e.downcast_ref::<tonic::Status>() {
+        return format!("{}: {}", code_text(status.code()), status.message());
+    }
+    format!("{e:#}")
+}
+
+fn code_text(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Unauthenticated => "not authenticated",
+        tonic::Code::PermissionDenied => "permission denied",
+        tonic::Code::NotFound => "not found",
+        tonic::Code::InvalidArgument => "invalid argument",
+        tonic::Code::Unavailable => "control plane unavailable",
+        _ => "request failed",
+    }
+}

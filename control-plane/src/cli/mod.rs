@@ -1,0 +1,249 @@
+//! The `steward` admin CLI: argument parsing, the authenticated client, and rendering.
+
+mod render;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use steward_proto::admin::v1::admin_service_client::AdminServiceClient;
+use steward_proto::admin::v1::{
+    CreateEnrollmentTokenRequest, ListEnrollmentTokensRequest, ListNodesRequest, NodeRef,
+    RevokeEnrollmentTokenRequest,
+};
+use steward_proto::transport::{ServerTrust, client_config, connect};
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+pub const DEFAULT_ENDPOINT: &str = "https://127.0.0.1:7443";
+pub const DEFAULT_DATA_DIR: &str = "steward-data";
+
+/// Administer a Steward fleet.
+///
+/// The endpoint, credential and CA come from flags or the environment:
+/// STEWARD_ENDPOINT (default https://127.0.0.1:7443), STEWARD_TOKEN (an admin credential,
+/// `stwa1.…`, printed once by the control plane's first start) and STEWARD_CA_FILE (the
+/// control plane's CA certificate, default steward-data/ca.pem).
+#[derive(Debug, Parser)]
+#[command(name = "steward", version)]
+pub struct Cli {
+    #[command(flatten)]
+    pub conn: Connection,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// Control-plane gRPC endpoint.
+    #[arg(long, env = "STEWARD_ENDPOINT", default_value = DEFAULT_ENDPOINT, global = true)]
+    pub endpoint: String,
+    /// Admin credential (`stwa1.<id>.<secret>`).
+    #[arg(long, env = "STEWARD_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// PEM file with the control plane's CA certificate.
+    #[arg(long, env = "STEWARD_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Enrolled nodes.
+    #[command(subcommand)]
+    Nodes(NodesCommand),
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// List every node with its state and hardware.
+    List,
+    /// Show one node (by ID or name) in detail.
+    Show { node: String },
+    /// Stop placing new work on a node.
+    Cordon { node: String },
+    /// Allow placements again (also ends a drain).
+    Uncordon { node: String },
+    /// Cordon a node and tell its agent to drain.
+    Drain { node: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a single-use enrollment token.
+    Create {
+        /// Lifetime, e.g. `30m`, `4h` (default and maximum: 24h).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<Duration>,
+        /// Free text to remember what the token is for.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// List enrollment tokens (never their secrets).
+    List,
+    /// Revoke an unused token by ID.
+    Revoke { id: String },
+}
+
+/// Runs one CLI invocation, printing to stdout.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut client = Client::connect(&cli.conn).await?;
+    let out = match cli.command {
+        Command::Nodes(cmd) => {
+            let node_ref = |node: String| NodeRef { node };
+            match cmd {
+                NodesCommand::List => {
+                    let nodes = client
+                        .admin
+                        .list_nodes(client.request(ListNodesRequest {}))
+                        .await?
+                        .into_inner()
+                        .nodes;
+                    match cli.output {
+                        Output::Json => serde_json::to_string_pretty(&nodes)?,
+                        Output::Table => render::nodes_table(&nodes, now_unix()),
+                    }
+                }
+                NodesCommand::Show { node } => {
+                    let node = client.admin.get_node(client.request(node_ref(node))).await?;
+                    render_node(cli.output, &node.into_inner())?
+                }
+                NodesCommand::Cordon { node } => {
+                    let node = client
+                        .admin
+                        .cordon_node(client.request(node_ref(node)))
+                        .await?;
+                    render_node(cli.output, &node.into_inner())?
+                }
+                NodesCommand::Uncordon { node } => {
+                    let node = client
+                        .admin
+                        .uncordon_node(client.request(node_ref(node)))
+                        .await?;
+                    render_node(cli.output, &node.into_inner())?
+                }
+                NodesCommand::Drain { node } => {
+                    let node = client
+                        .admin
+                        .drain_node(client.request(node_ref(node)))
+                        .await?;
+                    render_node(cli.output, &node.into_inner())?
+                }
+            }
+        }
+        Command::Token(cmd) => match cmd {
+            TokenCommand::Create { ttl, description } => {
+                let created = client
+                    .admin
+                    .create_enrollment_token(client.request(CreateEnrollmentTokenRequest {
+                        ttl_seconds: ttl.map(|d| d.as_secs().max(1)).unwrap_or(0),
+                        description,
+                    }))
+                    .await?
+                    .into_inner();
+                match cli.output {
+                    Output::Json => serde_json::to_string_pretty(&created)?,
+                    Output::Table => render::created_token(&created),
+                }
+            }
+            TokenCommand::List => {
+                let tokens = client
+                    .admin
+                    .list_enrollment_tokens(client.request(ListEnrollmentTokensRequest {}))
+                    .await?
+                    .into_inner()
+                    .tokens;
+                match cli.output {
+                    Output::Json => serde_json::to_string_pretty(&tokens)?,
+                    Output::Table => render::tokens_table(&tokens),
+                }
+            }
+            TokenCommand::Revoke { id } => {
+                let token = client
+                    .admin
+                    .revoke_enrollment_token(client.request(RevokeEnrollmentTokenRequest { id }))
+                    .await?
+                    .into_inner();
+                match cli.output {
+                    Output::Json => serde_json::to_string_pretty(&token)?,
+                    Output::Table => render::tokens_table(std::slice::from_ref(&token)),
+                }
+            }
+        },
+    };
+    println!("{}", out.trim_end());
+    Ok(())
+}
+
+fn render_node(
+    output: Output,
+    node: &steward_proto::admin::v1::Node,
+) -> anyhow::Result<String> {
+    Ok(match output {
+        Output::Json => serde_json::to_string_pretty(node)?,
+        Output::Table => render::node_detail(node, now_unix()),
+    })
+}
+
+/// An authenticated admin client.
+pub struct Client {
+    pub admin: AdminServiceClient<Channel>,
+    authorization: MetadataValue<tonic::metadata::Ascii>,
+}
+
+impl Client {
+    pub async fn connect(conn: &Connection) -> anyhow::Result<Self> {
+        let token = conn.token.as_deref().context(
+            "no admin credential: pass --token or set STEWARD_TOKEN \
+             (the control plane prints one on its first start)",
+        )?;
+        let ca_file = conn
+            .ca_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR).join("ca.pem"));
+        let ca_pem = std::fs::read_to_string(&ca_file).with_context(|| {
+            format!(
+                "cannot read the control plane's CA certificate from {} \
+                 (pass --ca-file or set STEWARD_CA_FILE)",
+                ca_file.display()
+            )
+        })?;
+        let config = client_config(&ServerTrust::CaPem(ca_pem), None)?;
+        let channel = connect(&conn.endpoint, config).await?;
+        let authorization = format!("Bearer {}", token.trim())
+            .parse()
+            .context("the admin credential contains characters not allowed in a header")?;
+        Ok(Self {
+            admin: AdminServiceClient::new(channel),
+            authorization,
+        })
+    }
+
+    pub fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", self.authorization.clone());
+        request
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}

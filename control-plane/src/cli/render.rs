@@ -1,0 +1,324 @@
+//! Human-readable tables for the CLI. JSON output uses the wire types directly.
+
+use comfy_table::presets::NOTHING;
+use comfy_table::{Cell, Table};
+use steward_proto::admin::v1::{
+    CreateEnrollmentTokenResponse, EnrollmentToken, EnrollmentTokenState, Node, NodeState,
+};
+use steward_proto::agent::v1::{GpuVendor, Inventory};
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(NOTHING);
+    t.set_header(header.iter().map(|h| Cell::new(h)));
+    t
+}
+
+pub fn node_state(node: &Node) -> &'static str {
+    match NodeState::try_from(node.state).unwrap_or(NodeState::Unspecified) {
+        NodeState::Ready => "Ready",
+        NodeState::Unavailable => "Unavailable",
+        NodeState::Unspecified => "Unknown",
+    }
+}
+
+fn scheduling(node: &Node) -> &'static str {
+    if node.draining {
+        "draining"
+    } else if node.cordoned {
+        "cordoned"
+    } else {
+        "schedulable"
+    }
+}
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn ago(now: i64, then: i64) -> String {
+    if then <= 0 {
+        return "-".into();
+    }
+    let secs = (now - then).max(0) as u64;
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
+}
+
+fn gpus_summary(inv: &Inventory) -> String {
+    if inv.gpus.is_empty() {
+        return "none".into();
+    }
+    let vram: u64 = inv.gpus.iter().map(|g| g.memory_total_bytes).sum();
+    format!("{}x {} ({})", inv.gpus.len(), inv.gpus[0].name, bytes(vram))
+}
+
+pub fn nodes_table(nodes: &[Node], now: i64) -> String {
+    if nodes.is_empty() {
+        return "No nodes enrolled. Create a token with `steward token create` and start \
+                `steward-node-agent --token …`."
+            .into();
+    }
+    let mut t = table(&[
+        "NAME",
+        "ID",
+        "STATE",
+        "SCHEDULING",
+        "ACCEL",
+        "GPUS",
+        "CPU",
+        "MEMORY",
+        "LAST SEEN",
+    ]);
+    for node in nodes {
+        let inv = node.inventory.clone().unwrap_or_default();
+        let cpu = inv.cpu.clone().unwrap_or_default();
+        t.add_row(vec![
+            node.name.clone(),
+            node.id.chars().take(8).collect(),
+            node_state(node).into(),
+            scheduling(node).into(),
+            if inv.accelerator.is_empty() {
+                "-".into()
+            } else {
+                inv.accelerator.clone()
+            },
+            gpus_summary(&inv),
+            format!("{} cores", cpu.logical_cores),
+            bytes(inv.memory_total_bytes),
+            if node.connected {
+                ago(now, node.last_heartbeat_unix)
+            } else {
+                format!("offline since {}", ago(now, node.state_changed_at_unix))
+            },
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn node_detail(node: &Node, now: i64) -> String {
+    let inv = node.inventory.clone().unwrap_or_default();
+    let cpu = inv.cpu.clone().unwrap_or_default();
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<22}{v}\n"));
+    line("Name:", node.name.clone());
+    line("ID:", node.id.clone());
+    line("State:", node_state(node).into());
+    line("Scheduling:", scheduling(node).into());
+    line(
+        "Session:",
+        if node.connected {
+            format!("connected, last heartbeat {}", ago(now, node.last_heartbeat_unix))
+        } else {
+            "not connected".into()
+        },
+    );
+    line(
+        "State changed:",
+        ago(now, node.state_changed_at_unix),
+    );
+    line("Agent version:", node.agent_version.clone());
+    line(
+        "Desired generation:",
+        format!(
+            "{} (applied {})",
+            node.desired_generation, node.applied_generation
+        ),
+    );
+    line(
+        "Certificate expires:",
+        if node.certificate_not_after_unix > now {
+            format!("in {}", humantime::format_duration(std::time::Duration::from_secs((node.certificate_not_after_unix - now) as u64)))
+        } else {
+            "expired".into()
+        },
+    );
+    line("Hostname:", inv.hostname.clone());
+    line("OS / arch:", format!("{} / {}", inv.os, inv.arch));
+    line(
+        "CPU:",
+        format!(
+            "{} ({} logical, {} physical cores)",
+            cpu.model, cpu.logical_cores, cpu.physical_cores
+        ),
+    );
+    line(
+        "Memory:",
+        format!(
+            "{} total, {} available",
+            bytes(inv.memory_total_bytes),
+            bytes(inv.memory_available_bytes)
+        ),
+    );
+    line(
+        "Disk (data dir):",
+        format!(
+            "{} free of {}",
+            bytes(inv.disk_free_bytes),
+            bytes(inv.disk_total_bytes)
+        ),
+    );
+    line(
+        "Accelerator:",
+        if inv.accelerator == "cpu" {
+            "cpu (no GPU detected)".into()
+        } else {
+            inv.accelerator.clone()
+        },
+    );
+    for note in &inv.probe_notes {
+        line("Probe note:", note.clone());
+    }
+    if !inv.gpus.is_empty() {
+        let mut t = table(&[
+            "#", "VENDOR", "NAME", "UUID", "MEMORY", "USED", "UTIL", "TEMP", "POWER", "DRIVER",
+        ]);
+        for gpu in &inv.gpus {
+            t.add_row(vec![
+                gpu.index.to_string(),
+                match GpuVendor::try_from(gpu.vendor).unwrap_or(GpuVendor::Unspecified) {
+                    GpuVendor::Nvidia => "nvidia".to_owned(),
+                    GpuVendor::Amd => "amd".to_owned(),
+                    GpuVendor::Unspecified => "?".to_owned(),
+                },
+                gpu.name.clone(),
+                gpu.uuid.clone(),
+                bytes(gpu.memory_total_bytes),
+                bytes(gpu.memory_used_bytes),
+                gpu.utilization_percent
+                    .map(|u| format!("{u}%"))
+                    .unwrap_or_else(|| "-".into()),
+                gpu.temperature_celsius
+                    .map(|c| format!("{c}°C"))
+                    .unwrap_or_else(|| "-".into()),
+                gpu.power_milliwatts
+                    .map(|p| format!("{:.0} W", f64::from(p) / 1000.0))
+                    .unwrap_or_else(|| "-".into()),
+                if gpu.cuda_version.is_empty() {
+                    gpu.driver_version.clone()
+                } else {
+                    format!("{} (CUDA {})", gpu.driver_version, gpu.cuda_version)
+                },
+            ]);
+        }
+        out.push_str("\nGPUs:\n");
+        out.push_str(&t.to_string());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn created_token(created: &CreateEnrollmentTokenResponse) -> String {
+    let expires = created
+        .info
+        .as_ref()
+        .map(|i| i.expires_at_unix)
+        .unwrap_or_default();
+    format!(
+        "{}\n\nSingle-use enrollment token (shown once), expires at unix time {expires}.\n\
+         Enroll a node with: steward-node-agent --control-plane <ENDPOINT> --token <TOKEN>\n",
+        created.token
+    )
+}
+
+pub fn tokens_table(tokens: &[EnrollmentToken]) -> String {
+    if tokens.is_empty() {
+        return "No enrollment tokens.".into();
+    }
+    let mut t = table(&["ID", "STATE", "CREATED BY", "EXPIRES (UNIX)", "USED BY", "DESCRIPTION"]);
+    for token in tokens {
+        let state = match EnrollmentTokenState::try_from(token.state)
+            .unwrap_or(EnrollmentTokenState::Unspecified)
+        {
+            EnrollmentTokenState::Active => "active",
+            EnrollmentTokenState::Used => "used",
+            EnrollmentTokenState::Expired => "expired",
+            EnrollmentTokenState::Revoked => "revoked",
+            EnrollmentTokenState::Unspecified => "?",
+        };
+        t.add_row(vec![
+            token.id.clone(),
+            state.into(),
+            token.created_by.clone(),
+            token.expires_at_unix.to_string(),
+            if token.used_by_node_id.is_empty() {
+                "-".into()
+            } else {
+                token.used_by_node_id.clone()
+            },
+            token.description.clone(),
+        ]);
+    }
+    t.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use steward_proto::agent::v1::{Cpu, Gpu};
+
+    fn node(connected: bool) -> Node {
+        Node {
+            id: "0123456789abcdef".into(),
+            name: "radiology-1".into(),
+            state: NodeState::Ready as i32,
+            connected,
+            last_heartbeat_unix: 995,
+            inventory: Some(Inventory {
+                accelerator: "cuda".into(),
+                memory_total_bytes: 64 << 30,
+                cpu: Some(Cpu {
+                    logical_cores: 32,
+                    ..Default::default()
+                }),
+                gpus: vec![Gpu {
+                    vendor: GpuVendor::Nvidia as i32,
+                    name: "NVIDIA H100".into(),
+                    memory_total_bytes: 80 << 30,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn node_table_shows_state_hardware_and_age() {
+        let out = nodes_table(&[node(true)], 1000);
+        for expected in ["radiology-1", "01234567", "Ready", "schedulable", "1x NVIDIA H100 (80.0 GiB)", "32 cores", "64.0 GiB", "5s ago"] {
+            assert!(out.contains(expected), "missing {expected:?} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn bytes_are_shown_in_binary_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn cpu_only_nodes_say_so() {
+        let mut n = node(false);
+        n.inventory.as_mut().unwrap().gpus.clear();
+        n.inventory.as_mut().unwrap().accelerator = "cpu".into();
+        let out = node_detail(&n, 1000);
+        assert!(out.contains("cpu (no GPU detected)"), "{out}");
+    }
+}

@@ -1,0 +1,171 @@
+//! `steward.admin.v1.AdminService`, authenticated by an admin credential in the
+//! `authorization: Bearer …` metadata.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use steward_proto::admin::v1::admin_service_server::AdminService;
+use steward_proto::admin::v1::{
+    CreateEnrollmentTokenRequest, CreateEnrollmentTokenResponse, EnrollmentToken,
+    ListEnrollmentTokensRequest, ListEnrollmentTokensResponse, ListNodesRequest,
+    ListNodesResponse, Node, NodeRef, RevokeEnrollmentTokenRequest,
+};
+use steward_proto::enrollment::{AdminCredential, hash_secret};
+use tonic::{Request, Response, Status};
+
+use super::{convert, status};
+use crate::fleet::{Actor, Fleet, now_unix};
+
+#[derive(Debug)]
+pub struct AdminApi {
+    fleet: Arc<Fleet>,
+}
+
+impl AdminApi {
+    pub fn new(fleet: Arc<Fleet>) -> Self {
+        Self { fleet }
+    }
+
+    async fn authorize<T>(&self, request: &Request<T>) -> Result<Actor, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "missing admin credential: pass --token or set STEWARD_TOKEN",
+                )
+            })?
+            .to_str()
+            .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
+        let presented = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <credential>`"))?;
+        let credential = AdminCredential::parse(presented)
+            .map_err(|e| Status::unauthenticated(format!("invalid admin credential: {e}")))?;
+        let stored = self
+            .fleet
+            .store
+            .find_admin_credential(&credential.id)
+            .await
+            .map_err(|e| status(e.into()))?;
+        match stored {
+            Some(stored) if stored.secret_hash == hash_secret(&credential.secret) => {
+                Ok(Actor::Admin {
+                    credential_id: stored.id,
+                    name: stored.name,
+                })
+            }
+            _ => Err(Status::unauthenticated("unknown or wrong admin credential")),
+        }
+    }
+
+    fn node(&self, record: steward_db::NodeRecord) -> Node {
+        convert::node(record, &self.fleet.sessions)
+    }
+
+    fn node_ref(request: &Request<NodeRef>) -> Result<String, Status> {
+        let node = request.get_ref().node.trim();
+        if node.is_empty() {
+            return Err(Status::invalid_argument("name a node by ID or name"));
+        }
+        Ok(node.to_owned())
+    }
+}
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn list_nodes(
+        &self,
+        request: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        self.authorize(&request).await?;
+        let nodes = self.fleet.list_nodes().await.map_err(status)?;
+        Ok(Response::new(ListNodesResponse {
+            nodes: nodes.into_iter().map(|n| self.node(n)).collect(),
+        }))
+    }
+
+    async fn get_node(&self, request: Request<NodeRef>) -> Result<Response<Node>, Status> {
+        self.authorize(&request).await?;
+        let node = self
+            .fleet
+            .find_node(&Self::node_ref(&request)?)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.node(node)))
+    }
+
+    async fn cordon_node(&self, request: Request<NodeRef>) -> Result<Response<Node>, Status> {
+        let actor = self.authorize(&request).await?;
+        let node = self
+            .fleet
+            .cordon(&actor, &Self::node_ref(&request)?)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.node(node)))
+    }
+
+    async fn uncordon_node(&self, request: Request<NodeRef>) -> Result<Response<Node>, Status> {
+        let actor = self.authorize(&request).await?;
+        let node = self
+            .fleet
+            .uncordon(&actor, &Self::node_ref(&request)?)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.node(node)))
+    }
+
+    async fn drain_node(&self, request: Request<NodeRef>) -> Result<Response<Node>, Status> {
+        let actor = self.authorize(&request).await?;
+        let node = self
+            .fleet
+            .drain(&actor, &Self::node_ref(&request)?)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(self.node(node)))
+    }
+
+    async fn create_enrollment_token(
+        &self,
+        request: Request<CreateEnrollmentTokenRequest>,
+    ) -> Result<Response<CreateEnrollmentTokenResponse>, Status> {
+        let actor = self.authorize(&request).await?;
+        let req = request.into_inner();
+        let ttl = (req.ttl_seconds > 0).then(|| Duration::from_secs(req.ttl_seconds));
+        let (token, record) = self
+            .fleet
+            .create_enrollment_token(&actor, ttl, &req.description)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(CreateEnrollmentTokenResponse {
+            token: token.to_string(),
+            info: Some(convert::token(record, now_unix())),
+        }))
+    }
+
+    async fn list_enrollment_tokens(
+        &self,
+        request: Request<ListEnrollmentTokensRequest>,
+    ) -> Result<Response<ListEnrollmentTokensResponse>, Status> {
+        self.authorize(&request).await?;
+        let now = now_unix();
+        let tokens = self.fleet.list_enrollment_tokens().await.map_err(status)?;
+        Ok(Response::new(ListEnrollmentTokensResponse {
+            tokens: tokens.into_iter().map(|t| convert::token(t, now)).collect(),
+        }))
+    }
+
+    async fn revoke_enrollment_token(
+        &self,
+        request: Request<RevokeEnrollmentTokenRequest>,
+    ) -> Result<Response<EnrollmentToken>, Status> {
+        let actor = self.authorize(&request).await?;
+        let id = request.get_ref().id.trim().to_owned();
+        let record = self
+            .fleet
+            .revoke_enrollment_token(&actor, &id)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(convert::token(record, now_unix())))
+    }
+}

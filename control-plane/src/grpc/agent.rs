@@ -1,0 +1,235 @@
+//! `steward.agent.v1.AgentService`: enrollment, the session stream, certificate renewal.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use steward_proto::agent::v1::agent_service_server::AgentService;
+use steward_proto::agent::v1::{
+    AgentMessage, ControlMessage, EnrollRequest, EnrollResponse, HeartbeatAck,
+    RenewCertificateRequest, RenewCertificateResponse, agent_message, control_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::status;
+use crate::fleet::Fleet;
+use crate::pki::node_id_from_certificate;
+use crate::sessions::{Outbound, SessionHandle};
+
+/// How long an agent may take to say Hello after opening a session.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Outbound messages queued per session before the agent counts as not reading.
+const OUTBOUND_QUEUE: usize = 32;
+
+#[derive(Debug)]
+pub struct AgentApi {
+    fleet: Arc<Fleet>,
+}
+
+impl AgentApi {
+    pub fn new(fleet: Arc<Fleet>) -> Self {
+        Self { fleet }
+    }
+
+    /// The node ID from the verified client certificate. rustls has already checked the
+    /// chain against our CA; here we only read who it names and that the node exists.
+    async fn authenticated_node<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let certs = request.peer_certs().ok_or_else(|| {
+            Status::unauthenticated("this call needs the node's client certificate (enroll first)")
+        })?;
+        let leaf = certs
+            .first()
+            .ok_or_else(|| Status::unauthenticated("no client certificate presented"))?;
+        let node_id = node_id_from_certificate(leaf)
+            .map_err(|e| Status::unauthenticated(steward_telemetry::chain(&e).to_string()))?;
+        self.fleet.require_node(&node_id).await.map_err(status)?;
+        Ok(node_id)
+    }
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn enroll(
+        &self,
+        request: Request<EnrollRequest>,
+    ) -> Result<Response<EnrollResponse>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        let req = request.into_inner();
+        let enrollment = self
+            .fleet
+            .enroll(
+                &peer,
+                &req.token,
+                &req.csr_der,
+                &req.requested_name,
+                &req.agent_version,
+            )
+            .await
+            .map_err(status)?;
+        Ok(Response::new(EnrollResponse {
+            node_id: enrollment.node.id,
+            node_name: enrollment.node.name,
+            certificate_pem: enrollment.certificate.certificate_pem,
+            ca_certificate_pem: self.fleet.ca.certificate_pem().to_owned(),
+            not_after_unix: enrollment.certificate.not_after_unix,
+        }))
+    }
+
+    type SessionStream = ReceiverStream<Result<ControlMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let node_id = self.authenticated_node(&request).await?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
+        let fleet = self.fleet.clone();
+        tokio::spawn(async move {
+            if let Err(e) = run_session(&fleet, &node_id, inbound, tx).await {
+                tracing::info!(node_id, reason = %e, "agent session ended");
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn renew_certificate(
+        &self,
+        request: Request<RenewCertificateRequest>,
+    ) -> Result<Response<RenewCertificateResponse>, Status> {
+        let node_id = self.authenticated_node(&request).await?;
+        let issued = self
+            .fleet
+            .renew_certificate(&node_id, &request.get_ref().csr_der)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RenewCertificateResponse {
+            certificate_pem: issued.certificate_pem,
+            not_after_unix: issued.not_after_unix,
+        }))
+    }
+}
+
+/// Drives one agent session until the agent leaves, goes silent, or is replaced.
+async fn run_session(
+    fleet: &Fleet,
+    node_id: &str,
+    mut inbound: Streaming<AgentMessage>,
+    outbound: Outbound,
+) -> Result<(), String> {
+    let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| "no Hello within the timeout".to_owned())?
+        .map_err(|e| format!("stream error before Hello: {e}"))?
+        .ok_or_else(|| "stream closed before Hello".to_owned())?;
+    let Some(agent_message::Body::Hello(hello)) = first.body else {
+        let _ = outbound
+            .send(Err(Status::failed_precondition(
+                "the first session message must be Hello",
+            )))
+            .await;
+        return Err("first message was not Hello".into());
+    };
+    let inventory = hello.inventory.unwrap_or_default();
+    let node = fleet
+        .node_connected(
+            node_id,
+            &hello.agent_version,
+            &inventory,
+            hello.applied_generation,
+        )
+        .await
+        .map_err(|e| steward_telemetry::chain(&e).to_string())?;
+    let session = fleet.sessions.open(node_id, outbound.clone());
+    let desired = Fleet::desired_state(&node);
+    let _ = outbound
+        .send(Ok(ControlMessage {
+            body: Some(control_message::Body::DesiredState(desired)),
+        }))
+        .await;
+
+    let result = session_loop(fleet, node_id, &session, &mut inbound, inventory).await;
+
+    if fleet.sessions.close(node_id, session.epoch) {
+        if let Err(e) = fleet.node_disconnected(node_id).await {
+            tracing::error!(node_id, error = %steward_telemetry::chain(&e), "could not record node as unavailable");
+        }
+    }
+    result
+}
+
+async fn session_loop(
+    fleet: &Fleet,
+    node_id: &str,
+    session: &SessionHandle,
+    inbound: &mut Streaming<AgentMessage>,
+    mut inventory: steward_proto::agent::v1::Inventory,
+) -> Result<(), String> {
+    loop {
+        let message = tokio::select! {
+            () = session.cancel.cancelled() => return Err("session cancelled (silent agent or newer session)".into()),
+            message = inbound.message() => message,
+        };
+        let message = match message {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err("agent closed the session".into()),
+            Err(e) => return Err(format!("stream error: {}", e.message())),
+        };
+        session.touch();
+        match message.body {
+            Some(agent_message::Body::Heartbeat(hb)) => {
+                let started = Instant::now();
+                fleet.metrics.heartbeats.inc();
+                if hb.last_rtt_micros > 0 {
+                    fleet
+                        .metrics
+                        .heartbeat_rtt
+                        .observe(hb.last_rtt_micros as f64 / 1e6);
+                }
+                let ack = ControlMessage {
+                    body: Some(control_message::Body::HeartbeatAck(HeartbeatAck {
+                        seq: hb.seq,
+                    })),
+                };
+                // A full queue means the agent is not reading; dropping an ack is harmless.
+                let _ = session.outbound.try_send(Ok(ack));
+                fleet
+                    .metrics
+                    .heartbeat_handling
+                    .observe(started.elapsed().as_secs_f64());
+            }
+            Some(agent_message::Body::Inventory(new)) => {
+                if new != inventory {
+                    fleet
+                        .inventory_changed(node_id, &new)
+                        .await
+                        .map_err(|e| steward_telemetry::chain(&e).to_string())?;
+                    inventory = new;
+                }
+            }
+            Some(agent_message::Body::Ack(ack)) => {
+                if ack.error.is_empty() {
+                    fleet
+                        .generation_applied(node_id, ack.generation)
+                        .await
+                        .map_err(|e| steward_telemetry::chain(&e).to_string())?;
+                } else {
+                    tracing::warn!(node_id, generation = ack.generation, error = %ack.error, "agent could not apply desired state");
+                }
+            }
+            Some(agent_message::Body::Hello(_)) | None => {
+                let _ = session
+                    .outbound
+                    .send(Err(Status::failed_precondition(
+                        "unexpected message in an established session",
+                    )))
+                    .await;
+                return Err("protocol violation".into());
+            }
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! Steward's control plane.
+//!
+//! Code map:
+//! - [`server`]: start-up ([`ControlPlane::start`], [`run`]), listeners and shutdown.
+//! - [`fleet`]: the application layer — enrollment, identity, node scheduling flags.
+//! - [`grpc`]: handlers for `steward.agent.v1` and `steward.admin.v1`.
+//! - [`sessions`]: open agent sessions and liveness, in memory.
+//! - [`pki`]: the fleet CA and certificate issuance.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`cli`]: the `steward` admin CLI.
+
+pub mod cli;
+pub mod fleet;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod pki;
+pub mod server;
+pub mod sessions;
+
+pub use server::{Config, ControlPlane, Listeners, StartError, run};

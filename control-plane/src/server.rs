@@ -1,0 +1,315 @@
+//! Start-up and shutdown of the control plane: storage, CA, bootstrap credential, the gRPC
+//! (TLS) and HTTP listeners, and the liveness sweeper.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use steward_db::{AdminCredentialRecord, CaRecord, Store};
+use steward_proto::admin::v1::admin_service_server::AdminServiceServer;
+use steward_proto::agent::v1::agent_service_server::AgentServiceServer;
+use steward_proto::enrollment::{AdminCredential, hash_secret};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::fleet::{Actor, Fleet, FleetSettings, audit, now_unix};
+use crate::grpc::{admin::AdminApi, agent::AgentApi};
+use crate::metrics::Metrics;
+use crate::pki::{CertificateAuthority, PkiError};
+
+/// Everything the control plane needs to start, minus its sockets.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Holds the SQLite database (unless `database_url` is set) and `ca.pem`.
+    pub data_dir: PathBuf,
+    /// `postgres://…` or `sqlite://…`; default: SQLite under `data_dir`.
+    pub database_url: Option<String>,
+    /// Extra DNS names or IPs for the server certificate (localhost and loopback IPs are
+    /// always included).
+    pub server_names: Vec<String>,
+    /// A session with no message for this long is ended and its node marked unavailable.
+    pub heartbeat_timeout: Duration,
+    pub fleet: FleetSettings,
+}
+
+impl Config {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            database_url: None,
+            server_names: Vec::new(),
+            heartbeat_timeout: Duration::from_secs(15),
+            fleet: FleetSettings::default(),
+        }
+    }
+
+    pub fn effective_database_url(&self) -> String {
+        self.database_url.clone().unwrap_or_else(|| {
+            format!(
+                "sqlite://{}?mode=rwc",
+                self.data_dir.join("steward.db").display()
+            )
+        })
+    }
+}
+
+/// The sockets the control plane serves on; tests bind `127.0.0.1:0`.
+#[derive(Debug)]
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub http: TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot use data directory {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("storage is unavailable")]
+    Db(#[from] steward_db::DbError),
+    #[error("certificate authority")]
+    Pki(#[from] PkiError),
+    #[error("TLS configuration")]
+    Tls(#[from] tonic::transport::Error),
+    #[error("gRPC reflection")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("listener")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub ca_certificate_pem: String,
+    pub ca_sha256: String,
+    /// Set only on the first start against an empty database: the bootstrap admin
+    /// credential, which is never stored in plain text and cannot be shown again.
+    pub bootstrap_admin_credential: Option<String>,
+    fleet: Arc<Fleet>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    pub async fn start(config: Config, listeners: Listeners) -> Result<Self, StartError> {
+        prepare_data_dir(&config.data_dir)?;
+        let store = Store::connect(&config.effective_database_url()).await?;
+        tracing::info!(backend = store.backend_name(), "database ready");
+        let ca = Arc::new(load_or_create_ca(&store).await?);
+        write_ca_file(&config.data_dir, ca.certificate_pem())?;
+        let bootstrap_admin_credential = bootstrap_admin(&store).await?;
+        let reset = store.mark_all_nodes_unavailable(now_unix()).await?;
+        if reset > 0 {
+            tracing::info!(nodes = reset, "nodes await their agents' sessions");
+        }
+
+        let metrics = Arc::new(Metrics::default());
+        let fleet = Arc::new(Fleet::new(store, ca.clone(), metrics, config.fleet.clone()));
+        let shutdown = CancellationToken::new();
+
+        let mut names = vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
+        ];
+        names.extend(config.server_names.iter().cloned());
+        let (chain, key) =
+            ca.issue_server_certificate(&names, Duration::from_secs(365 * 24 * 3600))?;
+        let tls = ServerTlsConfig::new()
+            .identity(Identity::from_pem(chain, key))
+            .client_ca_root(Certificate::from_pem(ca.certificate_pem()))
+            .client_auth_optional(true);
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(steward_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let grpc_addr = listeners.grpc.local_addr()?;
+        let http_addr = listeners.http.local_addr()?;
+        let grpc = Server::builder()
+            .tls_config(tls)?
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(AgentServiceServer::new(AgentApi::new(fleet.clone())))
+            .add_service(AdminServiceServer::new(AdminApi::new(fleet.clone())))
+            .add_service(reflection);
+
+        let mut tasks = Vec::new();
+        let incoming = TcpListenerStream::new(listeners.grpc);
+        let grpc_shutdown = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = grpc
+                .serve_with_incoming_shutdown(incoming, grpc_shutdown.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %steward_telemetry::chain(&e), "gRPC server failed");
+            }
+        }));
+        let http_shutdown = shutdown.clone();
+        let router = crate::http::router(fleet.clone());
+        let http_listener = listeners.http;
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = axum::serve(http_listener, router)
+                .with_graceful_shutdown(http_shutdown.cancelled_owned())
+                .await
+            {
+                tracing::error!(error = %steward_telemetry::chain(&e), "HTTP server failed");
+            }
+        }));
+        tasks.push(tokio::spawn(sweep_silent_sessions(
+            fleet.clone(),
+            config.heartbeat_timeout,
+            shutdown.clone(),
+        )));
+        tracing::info!(%grpc_addr, %http_addr, ca_sha256 = %ca.sha256_hex(), "control plane serving");
+        Ok(Self {
+            grpc_addr,
+            http_addr,
+            ca_certificate_pem: ca.certificate_pem().to_owned(),
+            ca_sha256: ca.sha256_hex(),
+            bootstrap_admin_credential,
+            fleet,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// `https://127.0.0.1:PORT` for clients on this machine.
+    pub fn grpc_endpoint(&self) -> String {
+        format!("https://{}", self.grpc_addr)
+    }
+
+    /// Stops serving: ends agent sessions, then the listeners (bounded by a grace period).
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.fleet.sessions.cancel_all();
+        for task in self.tasks {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+                abort.abort();
+            }
+        }
+    }
+}
+
+/// Runs until `shutdown` resolves. Binaries use this; tests use [`ControlPlane::start`].
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()>,
+    on_started: impl FnOnce(&ControlPlane),
+) -> Result<(), StartError> {
+    let control_plane = ControlPlane::start(config, listeners).await?;
+    on_started(&control_plane);
+    shutdown.await;
+    tracing::info!("shutting down");
+    control_plane.stop().await;
+    Ok(())
+}
+
+async fn sweep_silent_sessions(fleet: Arc<Fleet>, timeout: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1).min(timeout / 2));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let n = fleet.sessions.cancel_silent(timeout);
+                if n > 0 {
+                    tracing::warn!(sessions = n, timeout = ?timeout, "ended silent agent sessions");
+                }
+            }
+        }
+    }
+}
+
+fn prepare_data_dir(path: &Path) -> Result<(), StartError> {
+    let err = |source| StartError::DataDir {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::create_dir_all(path).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    Ok(())
+}
+
+fn write_ca_file(data_dir: &Path, pem: &str) -> Result<(), StartError> {
+    let path = data_dir.join("ca.pem");
+    let tmp = data_dir.join("ca.pem.tmp");
+    std::fs::write(&tmp, pem)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .map_err(|source| StartError::DataDir { path, source })
+}
+
+async fn load_or_create_ca(store: &Store) -> Result<CertificateAuthority, StartError> {
+    if let Some(stored) = store.load_ca().await? {
+        return Ok(CertificateAuthority::from_pem(
+            &stored.certificate_pem,
+            &stored.private_key_pem,
+        )?);
+    }
+    let ca = CertificateAuthority::generate()?;
+    let stored = store
+        .insert_ca_if_absent(
+            CaRecord {
+                certificate_pem: ca.certificate_pem().to_owned(),
+                private_key_pem: ca.private_key_pem(),
+                created_at: now_unix(),
+            },
+            audit(
+                &Actor::System,
+                "ca.create",
+                &ca.sha256_hex(),
+                "success",
+                json!({}),
+            ),
+        )
+        .await?;
+    tracing::info!("created the fleet certificate authority");
+    Ok(CertificateAuthority::from_pem(
+        &stored.certificate_pem,
+        &stored.private_key_pem,
+    )?)
+}
+
+async fn bootstrap_admin(store: &Store) -> Result<Option<String>, StartError> {
+    if store.admin_credential_count().await? > 0 {
+        return Ok(None);
+    }
+    let credential = AdminCredential::generate();
+    store
+        .insert_admin_credential(
+            AdminCredentialRecord {
+                id: credential.id.clone(),
+                name: "bootstrap".to_owned(),
+                secret_hash: hash_secret(&credential.secret),
+                role: "admin".to_owned(),
+                created_at: now_unix(),
+            },
+            audit(
+                &Actor::System,
+                "admin_credential.bootstrap",
+                &credential.id,
+                "success",
+                json!({"role": "admin"}),
+            ),
+        )
+        .await?;
+    Ok(Some(credential.to_string()))
+}

@@ -1,0 +1,175 @@
+//! Open agent sessions, held in memory.
+//!
+//! Heartbeats only touch an atomic timestamp here; the database hears about a node only when
+//! its state changes (session opened, session lost). A sweeper cancels sessions whose agent
+//! has gone quiet, which is how a node behind a dead network path becomes unavailable.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use steward_proto::agent::v1::{ControlMessage, DesiredState, control_message};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+pub type Outbound = mpsc::Sender<Result<ControlMessage, Status>>;
+
+/// One open session, as the registry sees it.
+#[derive(Clone, Debug)]
+pub struct SessionHandle {
+    pub epoch: u64,
+    pub outbound: Outbound,
+    pub cancel: CancellationToken,
+    /// Unix milliseconds of the last message from the agent.
+    pub last_seen_ms: Arc<AtomicI64>,
+}
+
+impl SessionHandle {
+    pub fn touch(&self) {
+        self.last_seen_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct SessionRegistry {
+    sessions: Mutex<HashMap<String, SessionHandle>>,
+    next_epoch: AtomicU64,
+}
+
+impl SessionRegistry {
+    /// Registers a new session for `node_id`, ending any older one for the same node (an agent
+    /// that reconnects before its old connection timed out).
+    pub fn open(&self, node_id: &str, outbound: Outbound) -> SessionHandle {
+        let handle = SessionHandle {
+            epoch: self.next_epoch.fetch_add(1, Ordering::Relaxed) + 1,
+            outbound,
+            cancel: CancellationToken::new(),
+            last_seen_ms: Arc::new(AtomicI64::new(now_ms())),
+        };
+        let previous = self
+            .lock()
+            .insert(node_id.to_owned(), handle.clone());
+        if let Some(previous) = previous {
+            previous.cancel.cancel();
+        }
+        handle
+    }
+
+    /// Removes the session if it is still the current one for the node. Returns whether it
+    /// was (only then is the node really gone).
+    pub fn close(&self, node_id: &str, epoch: u64) -> bool {
+        let mut sessions = self.lock();
+        match sessions.get(node_id) {
+            Some(current) if current.epoch == epoch => {
+                sessions.remove(node_id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn get(&self, node_id: &str) -> Option<SessionHandle> {
+        self.lock().get(node_id).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Pushes a desired state to the node if it is connected. Returns whether it was queued.
+    pub fn push_desired_state(&self, node_id: &str, desired: DesiredState) -> bool {
+        let Some(session) = self.get(node_id) else {
+            return false;
+        };
+        let message = ControlMessage {
+            body: Some(control_message::Body::DesiredState(desired)),
+        };
+        match session.outbound.try_send(Ok(message)) {
+            Ok(()) => true,
+            Err(_) => {
+                // The agent is not reading; it will get the current state when it reconnects.
+                session.cancel.cancel();
+                false
+            }
+        }
+    }
+
+    /// Cancels sessions silent for longer than `timeout`; returns how many.
+    pub fn cancel_silent(&self, timeout: Duration) -> usize {
+        let cutoff = now_ms() - timeout.as_millis() as i64;
+        let sessions = self.lock();
+        let mut n = 0;
+        for handle in sessions.values() {
+            if handle.last_seen_ms.load(Ordering::Relaxed) < cutoff && !handle.cancel.is_cancelled()
+            {
+                handle.cancel.cancel();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Ends every session (control-plane shutdown).
+    pub fn cancel_all(&self) {
+        for handle in self.lock().values() {
+            handle.cancel.cancel();
+        }
+    }
+
+    /// Unix seconds of the last message from a connected node.
+    pub fn last_seen_unix(&self, node_id: &str) -> Option<i64> {
+        self.get(node_id)
+            .map(|h| h.last_seen_ms.load(Ordering::Relaxed) / 1000)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SessionHandle>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reconnect_cancels_the_older_session_and_only_the_newer_one_closes_the_node() {
+        let registry = SessionRegistry::default();
+        let (tx1, _rx1) = mpsc::channel(1);
+        let (tx2, _rx2) = mpsc::channel(1);
+        let old = registry.open("n1", tx1);
+        let new = registry.open("n1", tx2);
+        assert!(old.cancel.is_cancelled());
+        assert!(!registry.close("n1", old.epoch), "stale session must not close the node");
+        assert!(registry.get("n1").is_some());
+        assert!(registry.close("n1", new.epoch));
+        assert!(registry.is_empty());
+    }
+
+    #[test]
+    fn silent_sessions_are_cancelled_and_chatty_ones_are_not() {
+        let registry = SessionRegistry::default();
+        let (tx1, _rx1) = mpsc::channel(1);
+        let (tx2, _rx2) = mpsc::channel(1);
+        let quiet = registry.open("quiet", tx1);
+        let chatty = registry.open("chatty", tx2);
+        quiet.last_seen_ms.store(now_ms() - 60_000, Ordering::Relaxed);
+        chatty.touch();
+        assert_eq!(registry.cancel_silent(Duration::from_secs(15)), 1);
+        assert!(quiet.cancel.is_cancelled());
+        assert!(!chatty.cancel.is_cancelled());
+    }
+}

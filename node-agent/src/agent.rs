@@ -1,0 +1,106 @@
+//! The real agent: enroll on first start, then keep the session with the control plane.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::identity::{FileIdentityStore, IdentityError, IdentityStore, enroll};
+use crate::inventory::HostProbe;
+use crate::reconciler::Reconciler;
+use crate::session::{SessionConfig, SessionParts, SessionStats, maintain};
+use crate::state::{FileStateStore, StateError};
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// `https://HOST:PORT` of the control plane's gRPC listener.
+    pub control_plane: String,
+    pub data_dir: PathBuf,
+    /// Needed only until the node is enrolled.
+    pub enrollment_token: Option<String>,
+    /// Name to request at enrollment (default: the hostname).
+    pub name: Option<String>,
+    pub heartbeat_interval: Duration,
+    pub inventory_interval: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(control_plane: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            control_plane: control_plane.into(),
+            data_dir: data_dir.into(),
+            enrollment_token: None,
+            name: None,
+            heartbeat_interval: Duration::from_secs(5),
+            inventory_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot use data directory {path}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("enrollment failed")]
+    Enroll(#[source] IdentityError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("cannot load the last applied desired state")]
+    State(#[from] StateError),
+}
+
+/// Runs the agent until `shutdown` fires.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let identity_store: Arc<dyn IdentityStore> = Arc::new(FileIdentityStore::new(&config.data_dir));
+    let identity = match identity_store.load()? {
+        Some(identity) => {
+            if config.enrollment_token.is_some() {
+                tracing::info!(node_id = %identity.node_id, "already enrolled; ignoring the enrollment token");
+            }
+            identity
+        }
+        None => {
+            let token = config
+                .enrollment_token
+                .as_deref()
+                .ok_or(AgentError::Enroll(IdentityError::NotEnrolled))?;
+            let name = config.name.clone().unwrap_or_else(hostname);
+            let identity = enroll(&config.control_plane, token, &name, crate::AGENT_VERSION)
+                .await
+                .map_err(AgentError::Enroll)?;
+            identity_store.save(&identity)?;
+            tracing::info!(node_id = %identity.node_id, node_name = %identity.node_name, "enrolled");
+            identity
+        }
+    };
+    tracing::info!(node_id = %identity.node_id, node_name = %identity.node_name, control_plane = %config.control_plane, "agent starting");
+    let reconciler = Arc::new(Reconciler::new(Arc::new(FileStateStore::new(&config.data_dir)))?);
+    let parts = SessionParts {
+        identity: identity_store,
+        probe: Arc::new(HostProbe::new(&config.data_dir)),
+        reconciler,
+        stats: Arc::new(SessionStats::default()),
+    };
+    let mut session = SessionConfig::new(&config.control_plane);
+    session.heartbeat_interval = config.heartbeat_interval;
+    session.inventory_interval = config.inventory_interval;
+    maintain(session, parts, shutdown).await;
+    Ok(())
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_owned())
+}

@@ -1,0 +1,317 @@
+//! Steward's test harness: a control plane on `127.0.0.1:0` against SQLite or a throwaway
+//! PostgreSQL database, admin clients, real agents in-process, and helpers to find and run
+//! the real binaries.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use steward_control_plane::{Config, ControlPlane, Listeners};
+use steward_db::testing::PostgresTestDb;
+use steward_node_agent::agent::AgentConfig;
+use steward_proto::admin::v1::admin_service_client::AdminServiceClient;
+use steward_proto::admin::v1::{CreateEnrollmentTokenRequest, Node, NodeRef, NodeState};
+use steward_proto::transport::{ServerTrust, client_config, connect};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub use steward_db::Store;
+
+/// Which database a test runs against.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Storage for one test; PostgreSQL databases are dropped in [`TestDb::cleanup`].
+#[derive(Debug)]
+pub struct TestDb {
+    pub url: Option<String>,
+    postgres: Option<PostgresTestDb>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Self {
+        match backend {
+            Backend::Sqlite => Self {
+                url: None,
+                postgres: None,
+            },
+            Backend::Postgres => {
+                let db = PostgresTestDb::create()
+                    .await
+                    .expect("PostgreSQL must be reachable (STEWARD_TEST_PG_URL); see README");
+                Self {
+                    url: Some(db.url.clone()),
+                    postgres: Some(db),
+                }
+            }
+        }
+    }
+
+    pub async fn cleanup(self) {
+        if let Some(db) = self.postgres {
+            let _ = db.drop_database().await;
+        }
+    }
+}
+
+/// A control plane running in this process, plus what tests need to talk to it.
+pub struct TestControlPlane {
+    pub control_plane: Option<ControlPlane>,
+    pub config: Config,
+    pub admin_credential: String,
+    pub ca_pem: String,
+    pub endpoint: String,
+    pub http: String,
+    pub data_dir: tempfile::TempDir,
+}
+
+pub fn quick_config(data_dir: &Path, db: &TestDb) -> Config {
+    let mut config = Config::new(data_dir);
+    config.database_url = db.url.clone();
+    config.heartbeat_timeout = Duration::from_secs(3);
+    config
+}
+
+impl TestControlPlane {
+    pub async fn start(db: &TestDb) -> Self {
+        Self::start_with(db, |_| {}).await
+    }
+
+    pub async fn start_with(db: &TestDb, tweak: impl FnOnce(&mut Config)) -> Self {
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut config = quick_config(data_dir.path(), db);
+        tweak(&mut config);
+        let cp = ControlPlane::start(config.clone(), listeners().await)
+            .await
+            .expect("control plane starts");
+        Self {
+            admin_credential: cp
+                .bootstrap_admin_credential
+                .clone()
+                .expect("a fresh database yields a bootstrap credential"),
+            ca_pem: cp.ca_certificate_pem.clone(),
+            endpoint: cp.grpc_endpoint(),
+            http: format!("http://{}", cp.http_addr),
+            control_plane: Some(cp),
+            config,
+            data_dir,
+        }
+    }
+
+    pub fn cp(&self) -> &ControlPlane {
+        self.control_plane.as_ref().expect("control plane running")
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.cp().fleet().store
+    }
+
+    /// Stops and starts the control plane on the same database and data dir, on new ports.
+    pub async fn restart(&mut self) {
+        if let Some(cp) = self.control_plane.take() {
+            cp.stop().await;
+        }
+        let cp = ControlPlane::start(self.config.clone(), listeners().await)
+            .await
+            .expect("control plane restarts");
+        assert!(cp.bootstrap_admin_credential.is_none());
+        self.endpoint = cp.grpc_endpoint();
+        self.http = format!("http://{}", cp.http_addr);
+        self.control_plane = Some(cp);
+    }
+
+    /// Stops and starts on the *same* ports, so running agents can find it again.
+    pub async fn restart_in_place(&mut self) {
+        let cp = self.control_plane.take().expect("running");
+        let (grpc, http) = (cp.grpc_addr, cp.http_addr);
+        cp.stop().await;
+        let listeners = Listeners {
+            grpc: bind_retrying(grpc).await,
+            http: bind_retrying(http).await,
+        };
+        let cp = ControlPlane::start(self.config.clone(), listeners)
+            .await
+            .expect("control plane restarts");
+        self.control_plane = Some(cp);
+    }
+
+    pub async fn admin(&self) -> Admin {
+        Admin::connect(&self.endpoint, &self.ca_pem, &self.admin_credential).await
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(cp) = self.control_plane.take() {
+            cp.stop().await;
+        }
+    }
+}
+
+async fn bind_retrying(addr: std::net::SocketAddr) -> TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot rebind {addr}: {e}"),
+        }
+    }
+}
+
+pub async fn listeners() -> Listeners {
+    Listeners {
+        grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    }
+}
+
+/// An admin client with the bootstrap credential.
+#[derive(Clone)]
+pub struct Admin {
+    pub client: AdminServiceClient<Channel>,
+    credential: String,
+}
+
+impl Admin {
+    pub async fn connect(endpoint: &str, ca_pem: &str, credential: &str) -> Self {
+        let tls = client_config(&ServerTrust::CaPem(ca_pem.to_owned()), None).unwrap();
+        Self {
+            client: AdminServiceClient::new(connect(endpoint, tls).await.unwrap()),
+            credential: credential.to_owned(),
+        }
+    }
+
+    pub fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.credential).parse().unwrap(),
+        );
+        r
+    }
+
+    pub async fn token(&self, ttl_seconds: u64) -> String {
+        self.client
+            .clone()
+            .create_enrollment_token(self.request(CreateEnrollmentTokenRequest {
+                ttl_seconds,
+                description: "test".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .token
+    }
+
+    pub async fn node(&self, node: &str) -> Node {
+        self.client
+            .clone()
+            .get_node(self.request(NodeRef { node: node.into() }))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Polls until the node's state is `state`, returning how long it took.
+    pub async fn wait_for_state(&self, node: &str, state: NodeState, within: Duration) -> Duration {
+        let started = Instant::now();
+        loop {
+            let current = self.node(node).await;
+            if current.state == state as i32 {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < within,
+                "node {node} not {state:?} within {within:?}; last seen {current:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A real agent running in this process.
+pub struct TestAgent {
+    pub data_dir: PathBuf,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), steward_node_agent::agent::AgentError>>,
+}
+
+impl TestAgent {
+    pub fn start(endpoint: &str, data_dir: &Path, token: Option<String>) -> Self {
+        let mut config = AgentConfig::new(endpoint, data_dir);
+        config.enrollment_token = token;
+        config.name = Some("test-node".into());
+        config.heartbeat_interval = Duration::from_millis(500);
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(steward_node_agent::agent::run(config, shutdown.clone()));
+        Self {
+            data_dir: data_dir.to_owned(),
+            shutdown,
+            task,
+        }
+    }
+
+    /// The node ID once enrollment has stored it.
+    pub async fn node_id(&self) -> String {
+        let store = steward_node_agent::identity::FileIdentityStore::new(&self.data_dir);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            use steward_node_agent::identity::IdentityStore;
+            if let Some(identity) = store.load().unwrap() {
+                return identity.node_id;
+            }
+            assert!(!self.task.is_finished(), "agent exited before enrolling");
+            assert!(Instant::now() < deadline, "agent did not enroll in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn stop(self) -> Result<(), steward_node_agent::agent::AgentError> {
+        self.shutdown.cancel();
+        self.task.await.expect("agent task")
+    }
+
+    /// Waits for the agent to exit on its own (e.g. refused enrollment).
+    pub async fn exit(self) -> Result<(), steward_node_agent::agent::AgentError> {
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("agent exits")
+            .expect("agent task")
+    }
+}
+
+/// Path of a workspace binary built by cargo alongside the tests.
+pub fn binary(name: &str) -> PathBuf {
+    let mut dir = std::env::current_exe().unwrap();
+    dir.pop();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built; run the tests through the README command (it builds the binaries first)",
+        path.display()
+    );
+    path
+}
+
+/// Shared across a test's agents.
+pub type Shared<T> = Arc<T>;
+
+/// Installs a log subscriber for the test (quiet unless `RUST_LOG` is set).
+pub fn init_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
