@@ -19,7 +19,10 @@ use crate::sessions::SessionRegistry;
 /// Who performed an action, for the audit log.
 #[derive(Clone, Debug)]
 pub enum Actor {
-    Admin { credential_id: String, name: String },
+    Admin {
+        credential_id: String,
+        name: String,
+    },
     Node(String),
     /// Someone not yet authenticated (an enrolling agent), by peer address.
     Anonymous(String),
@@ -284,9 +287,11 @@ impl Fleet {
         csr_der: &[u8],
     ) -> Result<IssuedCertificate, FleetError> {
         let node = self.require_node(node_id).await?;
-        let certificate =
-            self.ca
-                .issue_node_certificate(csr_der, &node.id, self.settings.agent_certificate_ttl)?;
+        let certificate = self.ca.issue_node_certificate(
+            csr_der,
+            &node.id,
+            self.settings.agent_certificate_ttl,
+        )?;
         self.store
             .record_certificate(
                 &node.id,
@@ -301,7 +306,11 @@ impl Fleet {
                 ),
             )
             .await?;
-        tracing::info!(node_id, not_after = certificate.not_after_unix, "node certificate renewed");
+        tracing::info!(
+            node_id,
+            not_after = certificate.not_after_unix,
+            "node certificate renewed"
+        );
         Ok(certificate)
     }
 

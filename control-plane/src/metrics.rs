@@ -101,7 +101,10 @@ impl Default for Metrics {
 impl Metrics {
     /// Brings the DB write counter up to the store's running total.
     pub fn observe_db_writes(&self, total: u64) {
-        let mut seen = self.db_writes_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self
+            .db_writes_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if total > *seen {
             self.db_writes.inc_by(total - *seen);
             *seen = total;

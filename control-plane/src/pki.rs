@@ -139,10 +139,9 @@ impl CertificateAuthority {
         node_id: &str,
         lifetime: Duration,
     ) -> Result<IssuedCertificate, PkiError> {
-        let csr = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(
-            csr_der,
-        ))
-        .map_err(PkiError::BadCsr)?;
+        let csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(PkiError::BadCsr)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::CommonName, node_id);
@@ -225,9 +224,16 @@ mod tests {
             .remove(0);
         assert_eq!(node_id_from_certificate(&der).unwrap(), node);
         let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
-        assert!(!parsed.is_ca(), "a CSR must not be able to request the CA bit");
-        let lifetime = parsed.validity().not_after.timestamp() - parsed.validity().not_before.timestamp();
-        assert!((3600..=3600 + 61).contains(&lifetime), "lifetime {lifetime}");
+        assert!(
+            !parsed.is_ca(),
+            "a CSR must not be able to request the CA bit"
+        );
+        let lifetime =
+            parsed.validity().not_after.timestamp() - parsed.validity().not_before.timestamp();
+        assert!(
+            (3600..=3600 + 61).contains(&lifetime),
+            "lifetime {lifetime}"
+        );
     }
 
     #[test]

@@ -198,7 +198,10 @@ impl ControlPlane {
         self.fleet.sessions.cancel_all();
         for task in self.tasks {
             let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }

@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use steward_proto::agent::v1::{ControlMessage, DesiredState, control_message};
@@ -49,9 +49,7 @@ impl SessionRegistry {
             cancel: CancellationToken::new(),
             last_seen_ms: Arc::new(AtomicI64::new(now_ms())),
         };
-        let previous = self
-            .lock()
-            .insert(node_id.to_owned(), handle.clone());
+        let previous = self.lock().insert(node_id.to_owned(), handle.clone());
         if let Some(previous) = previous {
             previous.cancel.cancel();
         }
@@ -153,7 +151,10 @@ mod tests {
         let old = registry.open("n1", tx1);
         let new = registry.open("n1", tx2);
         assert!(old.cancel.is_cancelled());
-        assert!(!registry.close("n1", old.epoch), "stale session must not close the node");
+        assert!(
+            !registry.close("n1", old.epoch),
+            "stale session must not close the node"
+        );
         assert!(registry.get("n1").is_some());
         assert!(registry.close("n1", new.epoch));
         assert!(registry.is_empty());
@@ -166,7 +167,9 @@ mod tests {
         let (tx2, _rx2) = mpsc::channel(1);
         let quiet = registry.open("quiet", tx1);
         let chatty = registry.open("chatty", tx2);
-        quiet.last_seen_ms.store(now_ms() - 60_000, Ordering::Relaxed);
+        quiet
+            .last_seen_ms
+            .store(now_ms() - 60_000, Ordering::Relaxed);
         chatty.touch();
         assert_eq!(registry.cancel_silent(Duration::from_secs(15)), 1);
         assert!(quiet.cancel.is_cancelled());

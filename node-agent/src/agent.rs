@@ -83,7 +83,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
     };
     tracing::info!(node_id = %identity.node_id, node_name = %identity.node_name, control_plane = %config.control_plane, "agent starting");
-    let reconciler = Arc::new(Reconciler::new(Arc::new(FileStateStore::new(&config.data_dir)))?);
+    let reconciler = Arc::new(Reconciler::new(Arc::new(FileStateStore::new(
+        &config.data_dir,
+    )))?);
     let parts = SessionParts {
         identity: identity_store,
         probe: Arc::new(HostProbe::new(&config.data_dir)),

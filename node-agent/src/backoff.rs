@@ -59,7 +59,11 @@ mod tests {
         for _ in 0..8 {
             let ceiling = b.ceiling();
             let d = b.next_delay();
-            assert!(d >= ceiling / 2 && d <= ceiling, "{d:?} outside [{:?}, {ceiling:?}]", ceiling / 2);
+            assert!(
+                d >= ceiling / 2 && d <= ceiling,
+                "{d:?} outside [{:?}, {ceiling:?}]",
+                ceiling / 2
+            );
             ceilings.push(ceiling.as_millis());
         }
         assert_eq!(ceilings, [100, 200, 400, 800, 1600, 2000, 2000, 2000]);
@@ -72,6 +76,10 @@ mod tests {
         let delays: std::collections::BTreeSet<_> = (0..50)
             .map(|_| Backoff::new(Duration::from_secs(8), Duration::from_secs(30)).next_delay())
             .collect();
-        assert!(delays.len() > 10, "50 agents drew only {} distinct delays", delays.len());
+        assert!(
+            delays.len() > 10,
+            "50 agents drew only {} distinct delays",
+            delays.len()
+        );
     }
 }

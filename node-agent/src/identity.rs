@@ -17,7 +17,9 @@ use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
-    #[error("this node is not enrolled yet: pass --token with an enrollment token (`steward token create`)")]
+    #[error(
+        "this node is not enrolled yet: pass --token with an enrollment token (`steward token create`)"
+    )]
     NotEnrolled,
     #[error("invalid enrollment token")]
     BadToken(#[from] steward_proto::enrollment::TokenFormatError),
@@ -25,9 +27,7 @@ pub enum IdentityError {
     Transport(#[from] TransportError),
     #[error("the control plane refused: {0}")]
     Refused(String),
-    #[error(
-        "the control plane's CA (sha256 {actual}) is not the one the token pins ({expected})"
-    )]
+    #[error("the control plane's CA (sha256 {actual}) is not the one the token pins ({expected})")]
     WrongCa { expected: String, actual: String },
     #[error("key generation failed")]
     Key(#[from] rcgen::Error),
@@ -114,12 +114,14 @@ impl FileIdentityStore {
 impl IdentityStore for FileIdentityStore {
     fn load(&self) -> Result<Option<NodeIdentity>, IdentityError> {
         match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| IdentityError::Corrupt {
-                    path: self.path.clone(),
-                    source,
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| IdentityError::Corrupt {
+                        path: self.path.clone(),
+                        source,
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(IdentityError::Store {
                 path: self.path.clone(),
@@ -129,12 +131,11 @@ impl IdentityStore for FileIdentityStore {
     }
 
     fn save(&self, identity: &NodeIdentity) -> Result<(), IdentityError> {
-        let bytes = serde_json::to_vec_pretty(identity).map_err(|source| {
-            IdentityError::Corrupt {
+        let bytes =
+            serde_json::to_vec_pretty(identity).map_err(|source| IdentityError::Corrupt {
                 path: self.path.clone(),
                 source,
-            }
-        })?;
+            })?;
         crate::state::write_atomically(&self.path, &bytes, 0o600).map_err(|source| {
             IdentityError::Store {
                 path: self.path.clone(),
@@ -152,7 +153,11 @@ pub struct MemoryIdentityStore {
 
 impl IdentityStore for MemoryIdentityStore {
     fn load(&self) -> Result<Option<NodeIdentity>, IdentityError> {
-        Ok(self.identity.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        Ok(self
+            .identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone())
     }
 
     fn save(&self, identity: &NodeIdentity) -> Result<(), IdentityError> {

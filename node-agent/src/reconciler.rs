@@ -63,7 +63,11 @@ impl Reconciler {
         }
         self.store.save(&desired)?;
         if desired.drain != applied.drain {
-            tracing::info!(drain = desired.drain, generation = desired.generation, "drain flag changed");
+            tracing::info!(
+                drain = desired.drain,
+                generation = desired.generation,
+                "drain flag changed"
+            );
         }
         self.draining.send_replace(desired.drain);
         *applied = desired;

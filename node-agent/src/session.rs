@@ -6,8 +6,8 @@
 //! [`Reconciler`] applies and the agent acknowledges.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -173,7 +173,17 @@ async fn one_session(
     parts.stats.connected.fetch_add(1, Ordering::Relaxed);
     parts.stats.sessions_opened.fetch_add(1, Ordering::Relaxed);
     tracing::info!(node_id = %identity.node_id, "session established");
-    let result = session_loop(config, parts, shutdown, &identity, channel, &tx, &mut inbound, inventory).await;
+    let result = session_loop(
+        config,
+        parts,
+        shutdown,
+        &identity,
+        channel,
+        &tx,
+        &mut inbound,
+        inventory,
+    )
+    .await;
     parts.stats.connected.fetch_sub(1, Ordering::Relaxed);
     result
 }
@@ -252,12 +262,12 @@ async fn session_loop(
                 last_inbound = Instant::now();
                 match message.body {
                     Some(control_message::Body::HeartbeatAck(ack)) => {
-                        if let Some((pending_seq, sent)) = pending {
-                            if pending_seq == ack.seq {
-                                last_rtt = sent.elapsed();
-                                parts.stats.record_rtt(last_rtt);
-                                pending = None;
-                            }
+                        if let Some((pending_seq, sent)) = pending
+                            && pending_seq == ack.seq
+                        {
+                            last_rtt = sent.elapsed();
+                            parts.stats.record_rtt(last_rtt);
+                            pending = None;
                         }
                     }
                     Some(control_message::Body::DesiredState(desired)) => {

@@ -61,7 +61,9 @@ impl Simulation {
         let authorization: tonic::metadata::MetadataValue<_> =
             format!("Bearer {}", config.admin_credential)
                 .parse()
-                .map_err(|_| SimulationError::Token("admin credential is not header-safe".into()))?;
+                .map_err(|_| {
+                    SimulationError::Token("admin credential is not header-safe".into())
+                })?;
 
         let identities: Vec<_> = futures::stream::iter(0..config.count)
             .map(|index| {
@@ -73,7 +75,9 @@ impl Simulation {
                         ttl_seconds: 3600,
                         description: format!("simulated agent {index}"),
                     });
-                    request.metadata_mut().insert("authorization", authorization);
+                    request
+                        .metadata_mut()
+                        .insert("authorization", authorization);
                     let token = admin
                         .create_enrollment_token(request)
                         .await
@@ -98,7 +102,9 @@ impl Simulation {
             let identity = identity?;
             node_ids.push(identity.node_id.clone());
             let store = MemoryIdentityStore::default();
-            store.save(&identity).map_err(|source| SimulationError::Enroll { index, source })?;
+            store
+                .save(&identity)
+                .map_err(|source| SimulationError::Enroll { index, source })?;
             let reconciler = Reconciler::new(Arc::new(MemoryStateStore::default()))
                 .expect("an empty in-memory state store always loads");
             let parts = SessionParts {

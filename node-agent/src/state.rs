@@ -50,12 +50,14 @@ impl FileStateStore {
 impl StateStore for FileStateStore {
     fn load(&self) -> Result<Option<DesiredState>, StateError> {
         match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| StateError::Corrupt {
-                    path: self.path.clone(),
-                    source,
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| StateError::Corrupt {
+                        path: self.path.clone(),
+                        source,
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StateError::Read {
                 path: self.path.clone(),
@@ -142,6 +144,9 @@ mod tests {
         assert_eq!(store.load().unwrap(), None);
         std::fs::write(dir.path().join("desired-state.json"), b"{not json").unwrap();
         let err = store.load().unwrap_err();
-        assert!(err.to_string().contains("desired-state.json is corrupt"), "{err}");
+        assert!(
+            err.to_string().contains("desired-state.json is corrupt"),
+            "{err}"
+        );
     }
 }

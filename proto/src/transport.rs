@@ -74,30 +74,32 @@ pub fn client_config(
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    let builder = match trust {
-        ServerTrust::CaPem(pem) => {
-            let mut roots = RootCertStore::empty();
-            for cert in parse_certs(pem, "the CA certificate")? {
-                roots.add(cert)?;
+    let builder =
+        match trust {
+            ServerTrust::CaPem(pem) => {
+                let mut roots = RootCertStore::empty();
+                for cert in parse_certs(pem, "the CA certificate")? {
+                    roots.add(cert)?;
+                }
+                builder.with_root_certificates(roots)
             }
-            builder.with_root_certificates(roots)
-        }
-        ServerTrust::PinnedCaSha256(hash) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
-                pin: hash.to_ascii_lowercase(),
-                provider,
-            })),
-    };
+            ServerTrust::PinnedCaSha256(hash) => builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(PinnedCaVerifier {
+                    pin: hash.to_ascii_lowercase(),
+                    provider,
+                })),
+        };
     let mut config = match identity {
         Some(id) => {
             let chain = parse_certs(&id.certificate_pem, "the client certificate")?;
-            let key = PrivateKeyDer::from_pem_slice(id.private_key_pem.as_bytes()).map_err(
-                |source| TransportError::BadPem {
-                    what: "the client private key",
-                    source,
-                },
-            )?;
+            let key =
+                PrivateKeyDer::from_pem_slice(id.private_key_pem.as_bytes()).map_err(|source| {
+                    TransportError::BadPem {
+                        what: "the client private key",
+                        source,
+                    }
+                })?;
             builder.with_client_auth_cert(chain, key)?
         }
         None => builder.with_no_client_auth(),
@@ -170,7 +172,10 @@ fn plain_uri(endpoint: &str) -> Result<(String, String), TransportError> {
         return Err(bad());
     }
     let host = uri.host().ok_or_else(bad)?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
     let port = uri.port_u16().unwrap_or(443);
     let authority = if host.contains(':') {
         format!("[{host}]:{port}")

@@ -6,9 +6,9 @@ use std::time::Duration;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait,
-    Database, DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait,
-    QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database,
+    DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, TransactionTrait,
 };
 use steward_migrations::{Migrator, MigratorTrait};
 
@@ -40,8 +40,10 @@ pub enum DbError {
 pub struct Store {
     db: DatabaseConnection,
     writes: Arc<AtomicU64>,
-    /// Serialises audit appends within this process; the unique `seq` primary key catches a
-    /// concurrent writer in another process.
+    /// Held for the whole of every transaction that appends to the audit log, from reading
+    /// the chain head to commit, so two appends in this process never race for one `seq`.
+    /// (The unique `seq` primary key still catches a writer in another process.) On SQLite it
+    /// also keeps read-then-write transactions from failing to upgrade their lock.
     audit_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -133,6 +135,7 @@ impl Store {
         ca: CaRecord,
         audit: NewAuditEvent,
     ) -> Result<CaRecord, DbError> {
+        let _chain = self.audit_lock.lock().await;
         let txn = self.db.begin().await?;
         let inserted = certificate_authority::Entity::insert(certificate_authority::ActiveModel {
             id: Set(CA_ROW_ID.to_owned()),
@@ -169,6 +172,7 @@ impl Store {
         cred: AdminCredentialRecord,
         audit: NewAuditEvent,
     ) -> Result<(), DbError> {
+        let _chain = self.audit_lock.lock().await;
         let txn = self.db.begin().await?;
         admin_credential::ActiveModel {
             id: Set(cred.id),
@@ -208,6 +212,7 @@ impl Store {
         token: EnrollmentTokenRecord,
         audit: NewAuditEvent,
     ) -> Result<(), DbError> {
+        let _chain = self.audit_lock.lock().await;
         let txn = self.db.begin().await?;
         enrollment_token::ActiveModel {
             id: Set(token.id),
@@ -256,6 +261,7 @@ impl Store {
         now: UnixSeconds,
         audit: NewAuditEvent,
     ) -> Result<EnrollmentTokenRecord, DbError> {
+        let _chain = self.audit_lock.lock().await;
         let txn = self.db.begin().await?;
         let changed = enrollment_token::Entity::update_many()
             .col_expr(enrollment_token::Column::RevokedAt, Expr::value(now))
@@ -286,6 +292,7 @@ impl Store {
         new: NewNode,
         audit: NewAuditEvent,
     ) -> Result<Result<NodeRecord, TokenRejection>, DbError> {
+        let _chain = self.audit_lock.lock().await;
         let txn = self.db.begin().await?;
         let Some(token) = enrollment_token::Entity::find_by_id(token_id)
             .one(&txn)
@@ -506,6 +513,7 @@ impl Store {
         draining: bool,
         audit: NewAuditEvent,
     ) -> Result<NodeRecord, DbError> {
+        let _chain = self.audit_lock.lock().await;
         let txn = self.db.begin().await?;
         let current = node::Entity::find_by_id(id)
             .one(&txn)
@@ -534,6 +542,7 @@ impl Store {
         not_after: UnixSeconds,
         audit: NewAuditEvent,
     ) -> Result<(), DbError> {
+        let _chain = self.audit_lock.lock().await;
         let txn = self.db.begin().await?;
         node::Entity::update_many()
             .col_expr(node::Column::CertificateSerial, Expr::value(serial))
@@ -552,6 +561,7 @@ impl Store {
     /// Appends one event on its own (for outcomes that change no other state, such as a
     /// refused enrollment).
     pub async fn append_audit(&self, event: NewAuditEvent) -> Result<AuditRecord, DbError> {
+        let _chain = self.audit_lock.lock().await;
         let txn = self.db.begin().await?;
         let record = self.append_audit_in(&txn, event).await?;
         txn.commit().await?;
@@ -580,12 +590,12 @@ impl Store {
             .collect())
     }
 
+    /// Callers hold `audit_lock` for the whole transaction.
     async fn append_audit_in(
         &self,
         txn: &DatabaseTransaction,
         event: NewAuditEvent,
     ) -> Result<AuditRecord, DbError> {
-        let _guard = self.audit_lock.lock().await;
         let last = audit_event::Entity::find()
             .order_by_desc(audit_event::Column::Seq)
             .one(txn)

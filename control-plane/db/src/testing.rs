@@ -45,12 +45,13 @@ impl PostgresTestDb {
     }
 
     pub async fn drop_database(self) -> Result<(), DbError> {
-        let admin = Database::connect(&self.admin_url)
-            .await
-            .map_err(|source| DbError::Connect {
-                url: self.admin_url.clone(),
-                source,
-            })?;
+        let admin =
+            Database::connect(&self.admin_url)
+                .await
+                .map_err(|source| DbError::Connect {
+                    url: self.admin_url.clone(),
+                    source,
+                })?;
         admin
             .execute_unprepared(&format!(
                 "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",

@@ -18,10 +18,15 @@ async fn migrations_give_the_same_schema_on_sqlite_and_postgres_and_are_idempote
     let sqlite_first = schema_shape(&sqlite_url).await.unwrap();
     let pg_first = schema_shape(&pg.url).await.unwrap();
     assert!(
-        sqlite_first.iter().any(|c| c.table == "nodes" && c.column == "desired_generation"),
+        sqlite_first
+            .iter()
+            .any(|c| c.table == "nodes" && c.column == "desired_generation"),
         "unexpected schema: {sqlite_first:#?}"
     );
-    assert_eq!(sqlite_first, pg_first, "SQLite and PostgreSQL schemas differ");
+    assert_eq!(
+        sqlite_first, pg_first,
+        "SQLite and PostgreSQL schemas differ"
+    );
 
     // A second start applies nothing and leaves the schema as it was.
     for url in [&sqlite_url, &pg.url] {

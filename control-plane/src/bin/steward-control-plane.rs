@@ -26,7 +26,11 @@ struct Args {
     #[arg(long, env = "STEWARD_HTTP_LISTEN", default_value = "127.0.0.1:9464")]
     http_listen: SocketAddr,
     /// Extra DNS name or IP in the server certificate (repeatable).
-    #[arg(long = "server-name", env = "STEWARD_SERVER_NAMES", value_delimiter = ',')]
+    #[arg(
+        long = "server-name",
+        env = "STEWARD_SERVER_NAMES",
+        value_delimiter = ','
+    )]
     server_names: Vec<String>,
     /// End a session (node unavailable) after this long without a message from its agent.
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]

@@ -118,7 +118,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 }
                 NodesCommand::Show { node } => {
-                    let node = client.admin.get_node(client.request(node_ref(node))).await?;
+                    let node = client
+                        .admin
+                        .get_node(client.request(node_ref(node)))
+                        .await?;
                     render_node(cli.output, &node.into_inner())?
                 }
                 NodesCommand::Cordon { node } => {
@@ -188,10 +191,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn render_node(
-    output: Output,
-    node: &steward_proto::admin::v1::Node,
-) -> anyhow::Result<String> {
+fn render_node(output: Output, node: &steward_proto::admin::v1::Node) -> anyhow::Result<String> {
     Ok(match output {
         Output::Json => serde_json::to_string_pretty(node)?,
         Output::Table => render::node_detail(node, now_unix()),

@@ -10,7 +10,7 @@ use steward_proto::agent::v1::{GpuVendor, Inventory};
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(NOTHING);
-    t.set_header(header.iter().map(|h| Cell::new(h)));
+    t.set_header(header.iter().map(Cell::new));
     t
 }
 
@@ -123,15 +123,15 @@ pub fn node_detail(node: &Node, now: i64) -> String {
     line(
         "Session:",
         if node.connected {
-            format!("connected, last heartbeat {}", ago(now, node.last_heartbeat_unix))
+            format!(
+                "connected, last heartbeat {}",
+                ago(now, node.last_heartbeat_unix)
+            )
         } else {
             "not connected".into()
         },
     );
-    line(
-        "State changed:",
-        ago(now, node.state_changed_at_unix),
-    );
+    line("State changed:", ago(now, node.state_changed_at_unix));
     line("Agent version:", node.agent_version.clone());
     line(
         "Desired generation:",
@@ -143,7 +143,12 @@ pub fn node_detail(node: &Node, now: i64) -> String {
     line(
         "Certificate expires:",
         if node.certificate_not_after_unix > now {
-            format!("in {}", humantime::format_duration(std::time::Duration::from_secs((node.certificate_not_after_unix - now) as u64)))
+            format!(
+                "in {}",
+                humantime::format_duration(std::time::Duration::from_secs(
+                    (node.certificate_not_after_unix - now) as u64
+                ))
+            )
         } else {
             "expired".into()
         },
@@ -240,7 +245,14 @@ pub fn tokens_table(tokens: &[EnrollmentToken]) -> String {
     if tokens.is_empty() {
         return "No enrollment tokens.".into();
     }
-    let mut t = table(&["ID", "STATE", "CREATED BY", "EXPIRES (UNIX)", "USED BY", "DESCRIPTION"]);
+    let mut t = table(&[
+        "ID",
+        "STATE",
+        "CREATED BY",
+        "EXPIRES (UNIX)",
+        "USED BY",
+        "DESCRIPTION",
+    ]);
     for token in tokens {
         let state = match EnrollmentTokenState::try_from(token.state)
             .unwrap_or(EnrollmentTokenState::Unspecified)
@@ -301,7 +313,16 @@ mod tests {
     #[test]
     fn node_table_shows_state_hardware_and_age() {
         let out = nodes_table(&[node(true)], 1000);
-        for expected in ["radiology-1", "01234567", "Ready", "schedulable", "1x NVIDIA H100 (80.0 GiB)", "32 cores", "64.0 GiB", "5s ago"] {
+        for expected in [
+            "radiology-1",
+            "01234567",
+            "Ready",
+            "schedulable",
+            "1x NVIDIA H100 (80.0 GiB)",
+            "32 cores",
+            "64.0 GiB",
+            "5s ago",
+        ] {
             assert!(out.contains(expected), "missing {expected:?} in\n{out}");
         }
     }

@@ -7,8 +7,8 @@ use std::time::Duration;
 use steward_proto::admin::v1::admin_service_server::AdminService;
 use steward_proto::admin::v1::{
     CreateEnrollmentTokenRequest, CreateEnrollmentTokenResponse, EnrollmentToken,
-    ListEnrollmentTokensRequest, ListEnrollmentTokensResponse, ListNodesRequest,
-    ListNodesResponse, Node, NodeRef, RevokeEnrollmentTokenRequest,
+    ListEnrollmentTokensRequest, ListEnrollmentTokensResponse, ListNodesRequest, ListNodesResponse,
+    Node, NodeRef, RevokeEnrollmentTokenRequest,
 };
 use steward_proto::enrollment::{AdminCredential, hash_secret};
 use tonic::{Request, Response, Status};
@@ -37,9 +37,9 @@ impl AdminApi {
             })?
             .to_str()
             .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
-        let presented = header
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| Status::unauthenticated("authorization must be `Bearer <credential>`"))?;
+        let presented = header.strip_prefix("Bearer ").ok_or_else(|| {
+            Status::unauthenticated("authorization must be `Bearer <credential>`")
+        })?;
         let credential = AdminCredential::parse(presented)
             .map_err(|e| Status::unauthenticated(format!("invalid admin credential: {e}")))?;
         let stored = self

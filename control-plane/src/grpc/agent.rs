@@ -154,10 +154,10 @@ async fn run_session(
 
     let result = session_loop(fleet, node_id, &session, &mut inbound, inventory).await;
 
-    if fleet.sessions.close(node_id, session.epoch) {
-        if let Err(e) = fleet.node_disconnected(node_id).await {
-            tracing::error!(node_id, error = %steward_telemetry::chain(&e), "could not record node as unavailable");
-        }
+    if fleet.sessions.close(node_id, session.epoch)
+        && let Err(e) = fleet.node_disconnected(node_id).await
+    {
+        tracing::error!(node_id, error = %steward_telemetry::chain(&e), "could not record node as unavailable");
     }
     result
 }

@@ -12,7 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 /// The Steward node agent. It dials out to the control plane; it never listens for it.
 #[derive(Debug, Parser)]
-#[command(name = "steward-node-agent", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "steward-node-agent",
+    version,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(flatten)]
     agent: AgentArgs,
@@ -23,10 +27,18 @@ struct Cli {
 #[derive(Debug, Args)]
 struct AgentArgs {
     /// Control-plane gRPC endpoint.
-    #[arg(long, env = "STEWARD_CONTROL_PLANE", default_value = "https://127.0.0.1:7443")]
+    #[arg(
+        long,
+        env = "STEWARD_CONTROL_PLANE",
+        default_value = "https://127.0.0.1:7443"
+    )]
     control_plane: String,
     /// Where the node identity and last desired state are kept.
-    #[arg(long, env = "STEWARD_AGENT_DATA_DIR", default_value = "steward-agent-data")]
+    #[arg(
+        long,
+        env = "STEWARD_AGENT_DATA_DIR",
+        default_value = "steward-agent-data"
+    )]
     data_dir: PathBuf,
     /// Enrollment token (`steward token create`); needed only on the first start.
     #[arg(long, env = "STEWARD_ENROLLMENT_TOKEN", hide_env_values = true)]
@@ -49,7 +61,11 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct SimulateArgs {
-    #[arg(long, env = "STEWARD_CONTROL_PLANE", default_value = "https://127.0.0.1:7443")]
+    #[arg(
+        long,
+        env = "STEWARD_CONTROL_PLANE",
+        default_value = "https://127.0.0.1:7443"
+    )]
     control_plane: String,
     /// Admin credential, used to create one enrollment token per simulated agent.
     #[arg(long, env = "STEWARD_TOKEN", hide_env_values = true)]
@@ -120,7 +136,10 @@ async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow::Re
         enroll_concurrency: 32,
     })
     .await?;
-    println!("{} simulated agents enrolled; Ctrl-C to stop", simulation.node_ids.len());
+    println!(
+        "{} simulated agents enrolled; Ctrl-C to stop",
+        simulation.node_ids.len()
+    );
     shutdown.cancelled().await;
     simulation.stop().await;
     Ok(())

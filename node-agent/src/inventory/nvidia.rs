@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::{Device, Nvml, cuda_driver_version_major, cuda_driver_version_minor};
 use steward_proto::agent::v1::{Gpu, GpuVendor};
 
@@ -21,7 +22,7 @@ pub(super) struct NvmlHandle {
 
 impl NvmlHandle {
     /// The NVML handle, initialising it on first success.
-    fn get(&self) -> Result<Arc<Nvml>, nvml_wrapper::error::NvmlError> {
+    fn get(&self) -> Result<Arc<Nvml>, NvmlError> {
         let mut slot = self.nvml.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(nvml) = slot.as_ref() {
             return Ok(Arc::clone(nvml));
@@ -36,6 +37,12 @@ impl NvmlHandle {
 pub(super) fn nvidia_gpus(handle: &NvmlHandle, notes: &mut Vec<String>) -> Vec<Gpu> {
     let nvml = match handle.get() {
         Ok(nvml) => nvml,
+        // The common case on a machine without the driver: say which library is missing,
+        // without the wrapper's "a libloading error occurred" preamble.
+        Err(NvmlError::LibloadingError(e)) => {
+            notes.push(format!("nvidia: NVML unavailable: {e}"));
+            return Vec::new();
+        }
         Err(e) => {
             notes.push(format!("nvidia: NVML unavailable: {e}"));
             return Vec::new();

@@ -1,0 +1,276 @@
+//! End-to-end: the real `steward-control-plane`, `steward-node-agent` and `steward`
+//! binaries, talking over TLS on loopback.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use steward_tests::binary;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Running {
+    child: Child,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct ControlPlane {
+    process: Running,
+    grpc: String,
+    http: String,
+    data_dir: tempfile::TempDir,
+    credential: String,
+}
+
+fn start_control_plane() -> ControlPlane {
+    let data_dir = tempfile::tempdir().unwrap();
+    let (grpc_port, http_port) = (free_port(), free_port());
+    let mut child = Command::new(binary("steward-control-plane"))
+        .args(["--data-dir", data_dir.path().to_str().unwrap()])
+        .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
+        .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
+        .args(["--heartbeat-timeout", "5s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut credential = None;
+    for line in stdout.lines() {
+        let line = line.unwrap();
+        if let Some(c) = line.strip_prefix("bootstrap admin credential (shown once): ") {
+            credential = Some(c.to_owned());
+        }
+        if line.starts_with("control plane ready") {
+            break;
+        }
+    }
+    ControlPlane {
+        process: Running { child },
+        grpc: format!("https://127.0.0.1:{grpc_port}"),
+        http: format!("http://127.0.0.1:{http_port}"),
+        credential: credential.expect("bootstrap credential printed on first start"),
+        data_dir,
+    }
+}
+
+impl ControlPlane {
+    fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary("steward"))
+            .args(args)
+            .env("STEWARD_ENDPOINT", &self.grpc)
+            .env("STEWARD_TOKEN", &self.credential)
+            .env("STEWARD_CA_FILE", self.data_dir.path().join("ca.pem"))
+            .output()
+            .unwrap()
+    }
+
+    fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "steward {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn start_agent(&self, data_dir: &Path, token: Option<&str>) -> Running {
+        let mut cmd = Command::new(binary("steward-node-agent"));
+        cmd.args(["--control-plane", &self.grpc])
+            .args(["--data-dir", data_dir.to_str().unwrap()])
+            .args(["--name", "e2e-node", "--heartbeat-interval", "1s"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(token) = token {
+            cmd.args(["--token", token]);
+        }
+        Running {
+            child: cmd.spawn().unwrap(),
+        }
+    }
+
+    /// Polls `steward nodes show` until the node has `state` (1 ready, 2 unavailable).
+    fn wait_for_state(
+        &self,
+        node: &str,
+        state: i64,
+        within: Duration,
+    ) -> (serde_json::Value, Duration) {
+        let started = Instant::now();
+        loop {
+            let out = self.cli(&["-o", "json", "nodes", "show", node]);
+            if out.status.success() {
+                let node: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                if node["state"] == state {
+                    return (node, started.elapsed());
+                }
+            }
+            assert!(
+                started.elapsed() < within,
+                "node {node} not in state {state} within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_binaries_enroll_an_agent_see_it_die_and_see_it_return_with_its_id() {
+    let cp = start_control_plane();
+    let token = cp.cli_json(&["token", "create", "--ttl", "10m", "--description", "e2e"]);
+    let token = token["token"].as_str().unwrap().to_owned();
+    let agent_dir = tempfile::tempdir().unwrap();
+
+    let mut agent = cp.start_agent(agent_dir.path(), Some(&token));
+    let (node, _) = cp.wait_for_state("e2e-node", 1, Duration::from_secs(30));
+    let node_id = node["id"].as_str().unwrap().to_owned();
+    assert_eq!(node["inventory"]["accelerator"], "cpu");
+
+    let table = cp.cli(&["nodes", "list"]);
+    let table = String::from_utf8(table.stdout).unwrap();
+    assert!(
+        table.contains("e2e-node") && table.contains("Ready"),
+        "{table}"
+    );
+
+    // SIGKILL: no goodbye from the agent.
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let (_, took) = cp.wait_for_state(&node_id, 2, Duration::from_secs(30));
+    assert!(took < Duration::from_secs(30));
+
+    let _agent = cp.start_agent(agent_dir.path(), None);
+    let (node, _) = cp.wait_for_state(&node_id, 1, Duration::from_secs(30));
+    assert_eq!(node["id"], node_id.as_str());
+    let nodes = cp.cli_json(&["nodes", "list"]);
+    assert_eq!(nodes.as_array().unwrap().len(), 1);
+
+    let tokens = cp.cli_json(&["token", "list"]);
+    assert_eq!(tokens[0]["used_by_node_id"], node_id.as_str());
+
+    let metrics = reqwest::get(format!("{}/metrics", cp.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("steward_nodes{state=\"ready\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("steward_agent_sessions 1"), "{metrics}");
+    assert!(
+        metrics.contains("steward_heartbeat_rtt_seconds_bucket"),
+        "{metrics}"
+    );
+    let ready = reqwest::get(format!("{}/readyz", cp.http)).await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    // The bootstrap credential is not stored in plain text anywhere in the data dir.
+    for entry in std::fs::read_dir(cp.data_dir.path()).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap_or_default();
+        let secret = cp.credential.rsplit('.').next().unwrap();
+        assert!(
+            !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+            "admin secret found in plain text"
+        );
+    }
+    drop(cp.process);
+}
+
+#[test]
+fn control_plane_exits_with_a_clear_error_when_the_database_is_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary("steward-control-plane"))
+        .args(["--data-dir", dir.path().to_str().unwrap()])
+        .args(["--database-url", "postgres://postgres@127.0.0.1:1/steward"])
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("error: storage is unavailable: cannot open the database at postgres://postgres@127.0.0.1:1/steward"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn cli_without_a_credential_says_how_to_get_one() {
+    let out = Command::new(binary("steward"))
+        .args(["nodes", "list"])
+        .env_remove("STEWARD_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no admin credential: pass --token or set STEWARD_TOKEN"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_reflection_lists_every_service() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let db = steward_tests::TestDb::new(steward_tests::Backend::Sqlite).await;
+    let cp = steward_tests::TestControlPlane::start(&db).await;
+    let tls = steward_proto::transport::client_config(
+        &steward_proto::transport::ServerTrust::CaPem(cp.ca_pem.clone()),
+        None,
+    )
+    .unwrap();
+    let channel = steward_proto::transport::connect(&cp.endpoint, tls)
+        .await
+        .unwrap();
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection response {response:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for service in [
+        "steward.agent.v1.AgentService",
+        "steward.admin.v1.AdminService",
+    ] {
+        assert!(
+            names.iter().any(|n| n == service),
+            "{service} missing from {names:?}"
+        );
+    }
+    cp.stop().await;
+}
