@@ -105,11 +105,11 @@ impl ControlPlane {
         }
     }
 
-    /// Polls `steward nodes show` until the node has `state` (1 ready, 2 unavailable).
+    /// Polls `steward nodes show` until the node has `state` ("ready", "unavailable").
     fn wait_for_state(
         &self,
         node: &str,
-        state: i64,
+        state: &str,
         within: Duration,
     ) -> (serde_json::Value, Duration) {
         let started = Instant::now();
@@ -138,7 +138,7 @@ async fn real_binaries_enroll_an_agent_see_it_die_and_see_it_return_with_its_id(
     let agent_dir = tempfile::tempdir().unwrap();
 
     let mut agent = cp.start_agent(agent_dir.path(), Some(&token));
-    let (node, _) = cp.wait_for_state("e2e-node", 1, Duration::from_secs(30));
+    let (node, _) = cp.wait_for_state("e2e-node", "ready", Duration::from_secs(30));
     let node_id = node["id"].as_str().unwrap().to_owned();
     assert_eq!(node["inventory"]["accelerator"], "cpu");
 
@@ -152,17 +152,18 @@ async fn real_binaries_enroll_an_agent_see_it_die_and_see_it_return_with_its_id(
     // SIGKILL: no goodbye from the agent.
     agent.child.kill().unwrap();
     agent.child.wait().unwrap();
-    let (_, took) = cp.wait_for_state(&node_id, 2, Duration::from_secs(30));
+    let (_, took) = cp.wait_for_state(&node_id, "unavailable", Duration::from_secs(30));
     assert!(took < Duration::from_secs(30));
 
     let _agent = cp.start_agent(agent_dir.path(), None);
-    let (node, _) = cp.wait_for_state(&node_id, 1, Duration::from_secs(30));
+    let (node, _) = cp.wait_for_state(&node_id, "ready", Duration::from_secs(30));
     assert_eq!(node["id"], node_id.as_str());
     let nodes = cp.cli_json(&["nodes", "list"]);
     assert_eq!(nodes.as_array().unwrap().len(), 1);
 
     let tokens = cp.cli_json(&["token", "list"]);
     assert_eq!(tokens[0]["used_by_node_id"], node_id.as_str());
+    assert_eq!(tokens[0]["state"], "used");
 
     let metrics = reqwest::get(format!("{}/metrics", cp.http))
         .await

@@ -113,7 +113,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         .into_inner()
                         .nodes;
                     match cli.output {
-                        Output::Json => serde_json::to_string_pretty(&nodes)?,
+                        Output::Json => serde_json::to_string_pretty(
+                            &nodes.iter().map(render::node_json).collect::<Vec<_>>(),
+                        )?,
                         Output::Table => render::nodes_table(&nodes, now_unix()),
                     }
                 }
@@ -158,7 +160,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await?
                     .into_inner();
                 match cli.output {
-                    Output::Json => serde_json::to_string_pretty(&created)?,
+                    Output::Json => {
+                        let mut value = serde_json::to_value(&created)?;
+                        if let Some(info) = &created.info {
+                            value["info"] = render::token_json(info);
+                        }
+                        serde_json::to_string_pretty(&value)?
+                    }
                     Output::Table => render::created_token(&created),
                 }
             }
@@ -170,7 +178,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .into_inner()
                     .tokens;
                 match cli.output {
-                    Output::Json => serde_json::to_string_pretty(&tokens)?,
+                    Output::Json => serde_json::to_string_pretty(
+                        &tokens.iter().map(render::token_json).collect::<Vec<_>>(),
+                    )?,
                     Output::Table => render::tokens_table(&tokens),
                 }
             }
@@ -181,7 +191,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await?
                     .into_inner();
                 match cli.output {
-                    Output::Json => serde_json::to_string_pretty(&token)?,
+                    Output::Json => serde_json::to_string_pretty(&render::token_json(&token))?,
                     Output::Table => render::tokens_table(std::slice::from_ref(&token)),
                 }
             }
@@ -193,7 +203,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn render_node(output: Output, node: &steward_proto::admin::v1::Node) -> anyhow::Result<String> {
     Ok(match output {
-        Output::Json => serde_json::to_string_pretty(node)?,
+        Output::Json => serde_json::to_string_pretty(&render::node_json(node))?,
         Output::Table => render::node_detail(node, now_unix()),
     })
 }

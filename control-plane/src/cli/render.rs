@@ -14,6 +14,44 @@ fn table(header: &[&str]) -> Table {
     t
 }
 
+/// A node as JSON for scripts: the wire message with enum numbers replaced by names.
+pub fn node_json(node: &Node) -> serde_json::Value {
+    let mut value = serde_json::to_value(node).unwrap_or_default();
+    value["state"] = node_state(node).to_ascii_lowercase().into();
+    if let Some(gpus) = value
+        .get_mut("inventory")
+        .and_then(|i| i.get_mut("gpus"))
+        .and_then(|g| g.as_array_mut())
+    {
+        for gpu in gpus {
+            let vendor = match gpu["vendor"].as_i64() {
+                Some(v) if v == GpuVendor::Nvidia as i64 => "nvidia",
+                Some(v) if v == GpuVendor::Amd as i64 => "amd",
+                _ => "unknown",
+            };
+            gpu["vendor"] = vendor.into();
+        }
+    }
+    value
+}
+
+/// A token as JSON for scripts, with its state by name.
+pub fn token_json(token: &EnrollmentToken) -> serde_json::Value {
+    let mut value = serde_json::to_value(token).unwrap_or_default();
+    value["state"] = token_state(token).into();
+    value
+}
+
+fn token_state(token: &EnrollmentToken) -> &'static str {
+    match EnrollmentTokenState::try_from(token.state).unwrap_or(EnrollmentTokenState::Unspecified) {
+        EnrollmentTokenState::Active => "active",
+        EnrollmentTokenState::Used => "used",
+        EnrollmentTokenState::Expired => "expired",
+        EnrollmentTokenState::Revoked => "revoked",
+        EnrollmentTokenState::Unspecified => "unknown",
+    }
+}
+
 pub fn node_state(node: &Node) -> &'static str {
     match NodeState::try_from(node.state).unwrap_or(NodeState::Unspecified) {
         NodeState::Ready => "Ready",
@@ -254,15 +292,7 @@ pub fn tokens_table(tokens: &[EnrollmentToken]) -> String {
         "DESCRIPTION",
     ]);
     for token in tokens {
-        let state = match EnrollmentTokenState::try_from(token.state)
-            .unwrap_or(EnrollmentTokenState::Unspecified)
-        {
-            EnrollmentTokenState::Active => "active",
-            EnrollmentTokenState::Used => "used",
-            EnrollmentTokenState::Expired => "expired",
-            EnrollmentTokenState::Revoked => "revoked",
-            EnrollmentTokenState::Unspecified => "?",
-        };
+        let state = token_state(token);
         t.add_row(vec![
             token.id.clone(),
             state.into(),

@@ -1,0 +1,66 @@
+# Shared set-up for scripts/demo.sh and scripts/test.sh: installs what a fresh Debian machine
+# lacks and makes sure a PostgreSQL answers. Source it; every function is idempotent.
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_updated=0
+apt_install() {
+  if [ "$apt_updated" -eq 0 ]; then
+    as_root apt-get update -qq
+    apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_toolchain() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    log "cargo not found: install Rust (https://rustup.rs) and re-run"
+    exit 1
+  fi
+  if ! command -v cc >/dev/null 2>&1; then
+    log "installing a C compiler (ring and SQLite build C code)"
+    apt_install build-essential
+  fi
+  if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    rustup component add rustfmt clippy >/dev/null 2>&1 || true
+  fi
+}
+
+pg_answers() {
+  local url=$1
+  if command -v psql >/dev/null 2>&1; then
+    psql "$url" -Atqc 'select 1' >/dev/null 2>&1
+  else
+    (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null
+  fi
+}
+
+# Exports STEWARD_TEST_PG_URL pointing at a PostgreSQL that accepts it.
+ensure_postgres() {
+  export STEWARD_TEST_PG_URL=${STEWARD_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+  if pg_answers "$STEWARD_TEST_PG_URL"; then return 0; fi
+  if command -v pg_ctlcluster >/dev/null 2>&1 && [ -d /etc/postgresql ]; then
+    log "starting the local PostgreSQL cluster"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n1)" main start || true
+    for _ in $(seq 1 30); do pg_answers "$STEWARD_TEST_PG_URL" && return 0; sleep 1; done
+  fi
+  if ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    log "installing PostgreSQL"
+    apt_install postgresql postgresql-client
+    as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | sort -V | tail -n1)" main start || true
+  fi
+  # A packaged cluster wants a password over TCP: give the postgres role one for the tests.
+  as_root su postgres -c "psql -qc \"ALTER USER postgres PASSWORD 'steward'\"" >/dev/null 2>&1 || true
+  local with_password=postgres://postgres:steward@127.0.0.1:5432/postgres
+  for _ in $(seq 1 30); do
+    if pg_answers "$STEWARD_TEST_PG_URL"; then return 0; fi
+    if pg_answers "$with_password"; then export STEWARD_TEST_PG_URL=$with_password; return 0; fi
+    sleep 1
+  done
+  log "no PostgreSQL answers at $STEWARD_TEST_PG_URL; set STEWARD_TEST_PG_URL to one that does"
+  exit 1
+}
