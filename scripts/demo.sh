@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 ensure_toolchain
 
 log "building steward-control-plane, steward-node-agent and steward"
-cargo build --locked -p steward-control-plane -p steward-node-agent --bins
+cargo build --locked --workspace --bins
 bin=target/debug
 demo=.steward-demo
 rm -rf "$demo"

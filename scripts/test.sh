@@ -16,7 +16,6 @@ cargo build --workspace --bins --tests --locked
 log "running the tests"
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --locked --no-fail-fast
-  cargo test --workspace --doc --locked
 else
   cargo test --workspace --locked --no-fail-fast
 fi
