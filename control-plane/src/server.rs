@@ -129,9 +129,13 @@ impl ControlPlane {
             .identity(Identity::from_pem(chain, key))
             .client_ca_root(Certificate::from_pem(ca.certificate_pem()))
             .client_auth_optional(true);
+        // Both reflection versions: older grpcurl/grpc_cli builds only speak v1alpha.
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(steward_proto::FILE_DESCRIPTOR_SET)
             .build_v1()?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(steward_proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
         let grpc_addr = listeners.grpc.local_addr()?;
         let http_addr = listeners.http.local_addr()?;
         let grpc = Server::builder()
@@ -141,7 +145,8 @@ impl ControlPlane {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(AgentServiceServer::new(AgentApi::new(fleet.clone())))
             .add_service(AdminServiceServer::new(AdminApi::new(fleet.clone())))
-            .add_service(reflection);
+            .add_service(reflection)
+            .add_service(reflection_alpha);
 
         let mut tasks = Vec::new();
         let incoming = TcpListenerStream::new(listeners.grpc);

@@ -139,6 +139,43 @@ impl TestControlPlane {
         self.control_plane = Some(cp);
     }
 
+    /// `count` simulated agents with heartbeats every `heartbeat`, all connected on return.
+    pub async fn simulate(
+        &self,
+        count: usize,
+        heartbeat: Duration,
+    ) -> steward_node_agent::simulate::Simulation {
+        let sim = steward_node_agent::simulate::Simulation::start(
+            steward_node_agent::simulate::SimulationConfig {
+                endpoint: self.endpoint.clone(),
+                admin_credential: self.admin_credential.clone(),
+                ca_certificate_pem: self.ca_pem.clone(),
+                count,
+                heartbeat_interval: heartbeat,
+                name_prefix: "sim".into(),
+                enroll_concurrency: 16,
+            },
+        )
+        .await
+        .expect("simulated agents enroll");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sim.connected() < count as i64 {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {count} simulated agents connected",
+                sim.connected()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        sim
+    }
+
+    /// A TLS channel that trusts the CA but presents no client certificate.
+    pub async fn anonymous_channel(&self) -> Channel {
+        let tls = client_config(&ServerTrust::CaPem(self.ca_pem.clone()), None).unwrap();
+        connect(&self.endpoint, tls).await.unwrap()
+    }
+
     pub async fn admin(&self) -> Admin {
         Admin::connect(&self.endpoint, &self.ca_pem, &self.admin_credential).await
     }

@@ -242,14 +242,7 @@ async fn grpc_reflection_lists_every_service() {
 
     let db = steward_tests::TestDb::new(steward_tests::Backend::Sqlite).await;
     let cp = steward_tests::TestControlPlane::start(&db).await;
-    let tls = steward_proto::transport::client_config(
-        &steward_proto::transport::ServerTrust::CaPem(cp.ca_pem.clone()),
-        None,
-    )
-    .unwrap();
-    let channel = steward_proto::transport::connect(&cp.endpoint, tls)
-        .await
-        .unwrap();
+    let channel = cp.anonymous_channel().await;
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),

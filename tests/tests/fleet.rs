@@ -4,7 +4,6 @@
 use std::time::{Duration, Instant};
 
 use steward_node_agent::identity::{FileIdentityStore, IdentityStore, enroll};
-use steward_node_agent::simulate::{Simulation, SimulationConfig};
 use steward_proto::admin::v1::{
     ListEnrollmentTokensRequest, ListNodesRequest, NodeRef, NodeState, RevokeEnrollmentTokenRequest,
 };
@@ -364,26 +363,7 @@ async fn heartbeats_cost_no_database_writes(backend: Backend) {
     init_logging();
     let db = TestDb::new(backend).await;
     let cp = TestControlPlane::start(&db).await;
-    let sim = Simulation::start(SimulationConfig {
-        endpoint: cp.endpoint.clone(),
-        admin_credential: cp.admin_credential.clone(),
-        ca_certificate_pem: cp.ca_pem.clone(),
-        count: 20,
-        heartbeat_interval: Duration::from_millis(100),
-        name_prefix: "sim".into(),
-        enroll_concurrency: 8,
-    })
-    .await
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while sim.connected() < 20 {
-        assert!(
-            Instant::now() < deadline,
-            "only {} connected",
-            sim.connected()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let sim = cp.simulate(20, Duration::from_millis(100)).await;
     // Let the Hello writes and generation acks settle, then count.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let writes_before = cp.store().writes();
@@ -469,14 +449,7 @@ async fn calls_without_the_right_credentials_are_refused() {
     assert_eq!(status.code(), tonic::Code::Unauthenticated);
 
     // A session without a client certificate.
-    let tls = steward_proto::transport::client_config(
-        &steward_proto::transport::ServerTrust::CaPem(cp.ca_pem.clone()),
-        None,
-    )
-    .unwrap();
-    let channel = steward_proto::transport::connect(&cp.endpoint, tls)
-        .await
-        .unwrap();
+    let channel = cp.anonymous_channel().await;
     let (_tx, rx) = tokio::sync::mpsc::channel::<AgentMessage>(1);
     let status = AgentServiceClient::new(channel)
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -515,26 +488,7 @@ async fn simulated_agents_run_the_real_session_code_at_scale() {
     init_logging();
     let db = TestDb::new(Backend::Postgres).await;
     let cp = TestControlPlane::start(&db).await;
-    let sim = Simulation::start(SimulationConfig {
-        endpoint: cp.endpoint.clone(),
-        admin_credential: cp.admin_credential.clone(),
-        ca_certificate_pem: cp.ca_pem.clone(),
-        count: 200,
-        heartbeat_interval: Duration::from_secs(1),
-        name_prefix: "sim".into(),
-        enroll_concurrency: 16,
-    })
-    .await
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while sim.connected() < 200 {
-        assert!(
-            Instant::now() < deadline,
-            "only {} connected",
-            sim.connected()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let sim = cp.simulate(200, Duration::from_secs(1)).await;
     let admin = cp.admin().await;
     let nodes = admin
         .client
