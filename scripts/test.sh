@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 ensure_toolchain
 ensure_postgres
+ensure_python_tools
 
 log "building binaries and tests"
 # The end-to-end tests start the real binaries, so build them first.

@@ -64,3 +64,16 @@ ensure_postgres() {
   log "no PostgreSQL answers at $STEWARD_TEST_PG_URL; set STEWARD_TEST_PG_URL to one that does"
   exit 1
 }
+
+# A local virtualenv (.venv) with the Python tools tests run for real: the OpenSSF
+# `model_signing` CLI (signature interop, both directions).
+ensure_python_tools() {
+  if [ -x .venv/bin/model_signing ] && .venv/bin/python -c 'import OpenSSL' 2>/dev/null; then return 0; fi
+  if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    log "installing python3-venv"
+    apt_install python3-venv python3-pip
+  fi
+  log "installing model-signing into .venv"
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check 'model-signing==1.1.1' 'pyopenssl>=25'
+}

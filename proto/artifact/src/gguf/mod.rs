@@ -1,0 +1,1 @@
+//! Strict GGUF reader (being written).

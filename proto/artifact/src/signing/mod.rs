@@ -1,0 +1,1 @@
+//! OpenSSF model signing (being written).
