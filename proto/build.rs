@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/steward/agent/v1/agent.proto",
                 "proto/steward/admin/v1/admin.proto",
+                "proto/steward/admin/v1/models.proto",
             ],
             &["proto"],
         )?;

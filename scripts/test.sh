@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 ensure_toolchain
 ensure_postgres
 ensure_python_tools
+ensure_models
 
 log "building binaries and tests"
 # The end-to-end tests start the real binaries, so build them first.

@@ -9,13 +9,17 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`cli`]: the `steward` admin CLI.
 
+pub mod audit_export;
+pub mod blobs;
 pub mod cli;
 pub mod fleet;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod pki;
+pub mod registry;
 pub mod server;
 pub mod sessions;
+pub mod trust;
 
 pub use server::{Config, ControlPlane, Listeners, StartError, run};

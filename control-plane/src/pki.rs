@@ -104,6 +104,12 @@ impl CertificateAuthority {
         steward_proto::certificate_sha256_hex(&self.certificate_der)
     }
 
+    /// ECDSA P-256 SHA-256 signature (ASN.1 DER) by the CA key, e.g. over an audit export.
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, PkiError> {
+        use rcgen::SigningKey;
+        Ok(self.key.sign(message)?)
+    }
+
     fn issuer(&self) -> Result<Issuer<'_, &KeyPair>, PkiError> {
         Ok(Issuer::from_ca_cert_pem(&self.certificate_pem, &self.key)?)
     }

@@ -9,6 +9,9 @@ use std::time::Duration;
 use serde_json::json;
 use steward_db::{AdminCredentialRecord, CaRecord, Store};
 use steward_proto::admin::v1::admin_service_server::AdminServiceServer;
+use steward_proto::admin::v1::audit_service_server::AuditServiceServer;
+use steward_proto::admin::v1::model_service_server::ModelServiceServer;
+use steward_proto::admin::v1::trust_service_server::TrustServiceServer;
 use steward_proto::agent::v1::agent_service_server::AgentServiceServer;
 use steward_proto::enrollment::{AdminCredential, hash_secret};
 use tokio::net::TcpListener;
@@ -17,10 +20,17 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use crate::blobs::BlobStore;
 use crate::fleet::{Actor, Fleet, FleetSettings, audit, now_unix};
+use crate::grpc::models::{AuditApi, ModelApi, TrustApi};
 use crate::grpc::{admin::AdminApi, agent::AgentApi};
 use crate::metrics::Metrics;
 use crate::pki::{CertificateAuthority, PkiError};
+use crate::registry::{Registry, RegistrySettings};
+
+/// Largest gRPC message a push may carry (the CLI sends 1 MiB chunks; headers carry the
+/// signature bundle).
+const PUSH_MESSAGE_LIMIT: usize = 16 << 20;
 
 /// Everything the control plane needs to start, minus its sockets.
 #[derive(Clone, Debug)]
@@ -35,6 +45,7 @@ pub struct Config {
     /// A session with no message for this long is ended and its node marked unavailable.
     pub heartbeat_timeout: Duration,
     pub fleet: FleetSettings,
+    pub registry: RegistrySettings,
 }
 
 impl Config {
@@ -45,6 +56,7 @@ impl Config {
             server_names: Vec::new(),
             heartbeat_timeout: Duration::from_secs(15),
             fleet: FleetSettings::default(),
+            registry: RegistrySettings::default(),
         }
     }
 
@@ -83,6 +95,8 @@ pub enum StartError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("listener")]
     Io(#[from] std::io::Error),
+    #[error("blob store")]
+    Blobs(#[from] crate::blobs::BlobError),
 }
 
 /// A running control plane.
@@ -96,6 +110,7 @@ pub struct ControlPlane {
     /// credential, which is never stored in plain text and cannot be shown again.
     pub bootstrap_admin_credential: Option<String>,
     fleet: Arc<Fleet>,
+    registry: Arc<Registry>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -113,6 +128,8 @@ impl ControlPlane {
             tracing::info!(nodes = reset, "nodes await their agents' sessions");
         }
 
+        let blobs = BlobStore::open(&config.data_dir)?;
+        let registry = Arc::new(Registry::new(store.clone(), blobs, config.registry.clone()));
         let metrics = Arc::new(Metrics::default());
         let fleet = Arc::new(Fleet::new(store, ca.clone(), metrics, config.fleet.clone()));
         let shutdown = CancellationToken::new();
@@ -145,6 +162,15 @@ impl ControlPlane {
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(AgentServiceServer::new(AgentApi::new(fleet.clone())))
             .add_service(AdminServiceServer::new(AdminApi::new(fleet.clone())))
+            .add_service(
+                ModelServiceServer::new(ModelApi::new(fleet.clone(), registry.clone()))
+                    .max_decoding_message_size(PUSH_MESSAGE_LIMIT),
+            )
+            .add_service(TrustServiceServer::new(TrustApi::new(
+                fleet.clone(),
+                registry.clone(),
+            )))
+            .add_service(AuditServiceServer::new(AuditApi::new(fleet.clone())))
             .add_service(reflection)
             .add_service(reflection_alpha);
 
@@ -183,6 +209,7 @@ impl ControlPlane {
             ca_sha256: ca.sha256_hex(),
             bootstrap_admin_credential,
             fleet,
+            registry,
             shutdown,
             tasks,
         })
@@ -190,6 +217,10 @@ impl ControlPlane {
 
     pub fn fleet(&self) -> &Arc<Fleet> {
         &self.fleet
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 
     /// `https://127.0.0.1:PORT` for clients on this machine.

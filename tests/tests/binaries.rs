@@ -268,3 +268,191 @@ async fn grpc_reflection_lists_every_service() {
     }
     cp.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_export_verifies_and_any_edit_removal_reorder_or_truncation_is_caught() {
+    let cp = start_control_plane();
+    for i in 0..4 {
+        cp.cli_json(&["token", "create", "--description", &format!("audit {i}")]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("audit.jsonl");
+    let out = cp.cli(&["audit", "export", "-o", export.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ca = cp.data_dir.path().join("ca.pem");
+    let verify = |file: &Path, ca: &Path| {
+        let out = Command::new(binary("steward"))
+            .args([
+                "audit",
+                "verify",
+                file.to_str().unwrap(),
+                "--ca",
+                ca.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, text) = verify(&export, &ca);
+    assert!(ok && text.contains("audit export intact"), "{text}");
+
+    let original = std::fs::read_to_string(&export).unwrap();
+    let lines: Vec<&str> = original.lines().collect();
+    assert!(
+        lines.len() >= 6,
+        "CA, bootstrap and 4 tokens: {}",
+        lines.len()
+    );
+    let manifest = std::fs::read_to_string(dir.path().join("audit.jsonl.manifest.json")).unwrap();
+    let variant = |name: &str, body: String| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, body).unwrap();
+        std::fs::write(dir.path().join(format!("{name}.manifest.json")), &manifest).unwrap();
+        verify(&file, &ca)
+    };
+    let join = |ls: Vec<&str>| ls.join("\n") + "\n";
+
+    let edited = join(
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, l)| {
+                if i == 3 {
+                    l.replacen("audit 1", "audit X", 1).leak() as &str
+                } else {
+                    l
+                }
+            })
+            .collect(),
+    );
+    let (ok, text) = variant("edited.jsonl", edited);
+    assert!(!ok && text.contains("seq 4 (line 4) was edited"), "{text}");
+
+    let mut removed = lines.clone();
+    removed.remove(2);
+    let (ok, text) = variant("removed.jsonl", join(removed));
+    assert!(
+        !ok && text.contains("line 3: expected event seq 3, found seq 4"),
+        "{text}"
+    );
+
+    let mut reordered = lines.clone();
+    reordered.swap(3, 4);
+    let (ok, text) = variant("reordered.jsonl", join(reordered));
+    assert!(
+        !ok && text.contains("expected event seq 4, found seq 5"),
+        "{text}"
+    );
+
+    let truncated = join(lines[..lines.len() - 1].to_vec());
+    let (ok, text) = variant("truncated.jsonl", truncated);
+    assert!(!ok && text.contains("truncated"), "{text}");
+
+    // A forged manifest (claiming fewer events) breaks the signature.
+    let forged = manifest.replacen("\"count\": ", "\"count\": 1", 1);
+    std::fs::write(dir.path().join("forged.jsonl"), &original).unwrap();
+    std::fs::write(dir.path().join("forged.jsonl.manifest.json"), forged).unwrap();
+    let (ok, text) = verify(&dir.path().join("forged.jsonl"), &ca);
+    assert!(!ok && text.contains("manifest"), "{text}");
+
+    // Pinned to another control plane's CA: refused.
+    let other = start_control_plane();
+    let (ok, text) = verify(&export, &other.data_dir.path().join("ca.pem"));
+    assert!(!ok && text.contains("different control plane"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_gemma_model_signed_with_model_signing_is_pushed_and_verified() {
+    let gemma = steward_tests::gemma_path();
+    let tool = steward_tests::model_signing_tool();
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let (key_path, pub_path) = (dir.path().join("k.pem"), dir.path().join("k.pub"));
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::write(&pub_path, key.public_key_pem()).unwrap();
+
+    // The OpenSSF tool signs; Steward verifies on push.
+    let tool_sig = dir.path().join("gemma.tool.sig");
+    let status = Command::new(&tool)
+        .args(["sign", "key"])
+        .arg(&gemma)
+        .args(["--private_key", key_path.to_str().unwrap()])
+        .args(["--signature", tool_sig.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "model_signing sign failed");
+    let cp = start_control_plane();
+    let out = cp.cli(&[
+        "trust",
+        "add-key",
+        pub_path.to_str().unwrap(),
+        "--models",
+        "gemma*",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let model = cp.cli_json(&[
+        "model",
+        "push",
+        gemma.to_str().unwrap(),
+        "--name",
+        "gemma3-270m",
+        "--version",
+        "q4_k_m",
+        "--signature",
+        tool_sig.to_str().unwrap(),
+    ]);
+    assert_eq!(model["verification"], "verified");
+    assert_eq!(model["size_bytes"], 253_113_024);
+    assert!(model["digest"].as_str().unwrap().starts_with("a5fd3b62"));
+    assert_eq!(model["gguf"]["architecture"], "gemma3");
+    assert_eq!(model["gguf"]["quantization"], "Q4_K_M");
+    let params = model["gguf"]["parameter_count"].as_u64().unwrap();
+    assert!((250_000_000..300_000_000).contains(&params), "{params}");
+    // This GGUF carries no `tokenizer.chat_template`; the pre-parse reports that honestly.
+    assert_eq!(model["gguf"]["has_chat_template"], false);
+
+    // Steward signs; the OpenSSF tool verifies.
+    let our_sig = dir.path().join("gemma.steward.sig");
+    let out = cp.cli(&[
+        "model",
+        "sign",
+        gemma.to_str().unwrap(),
+        "--key",
+        key_path.to_str().unwrap(),
+        "--output",
+        our_sig.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = Command::new(&tool)
+        .args(["verify", "key"])
+        .arg(&gemma)
+        .args(["--signature", our_sig.to_str().unwrap()])
+        .args(["--public_key", pub_path.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "model_signing refused Steward's signature"
+    );
+    let shown = String::from_utf8(cp.cli(&["model", "show", "gemma3-270m@q4_k_m"]).stdout).unwrap();
+    assert!(shown.contains("Architecture:         gemma3"), "{shown}");
+}

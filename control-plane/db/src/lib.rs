@@ -8,6 +8,7 @@
 
 mod entity;
 mod records;
+mod registry;
 mod store;
 #[doc(hidden)]
 pub mod testing;

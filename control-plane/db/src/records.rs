@@ -167,3 +167,65 @@ impl AuditRecord {
         self.chain_hash() == self.hash
     }
 }
+
+/// A stored artifact, identified by the sha256 of its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ArtifactRecord {
+    pub digest: String,
+    pub size_bytes: u64,
+    pub file_name: String,
+    /// The GGUF pre-parse facts as JSON.
+    pub gguf_facts_json: String,
+    /// The signature bundle as pushed (JSON); empty when unsigned.
+    pub signature_bundle: String,
+    pub signer: String,
+    pub verification: String,
+    pub created_at: UnixSeconds,
+    pub created_by: String,
+    pub revoked_at: Option<UnixSeconds>,
+    pub revoked_reason: Option<String>,
+    pub revoked_by: Option<String>,
+}
+
+/// A name and version pointing at an artifact, with the artifact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelRecord {
+    pub name: String,
+    pub version: String,
+    pub created_at: UnixSeconds,
+    pub created_by: String,
+    pub artifact: ArtifactRecord,
+}
+
+/// Why a model version could not be registered.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterConflict {
+    #[error("{name}@{version} already names a different artifact ({existing_digest})")]
+    VersionTaken {
+        name: String,
+        version: String,
+        existing_digest: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TrustAnchorRecord {
+    pub id: String,
+    /// `public_key` or `certificate_root`.
+    pub kind: String,
+    pub pem: String,
+    pub identity: String,
+    pub name_pattern: String,
+    pub description: String,
+    pub fingerprint: String,
+    pub created_at: UnixSeconds,
+    pub created_by: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnsignedAllowanceRecord {
+    pub name_pattern: String,
+    pub reason: String,
+    pub created_at: UnixSeconds,
+    pub created_by: String,
+}

@@ -38,13 +38,13 @@ pub enum DbError {
 /// Handle to the control plane's database. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: DatabaseConnection,
+    pub(crate) db: DatabaseConnection,
     writes: Arc<AtomicU64>,
     /// Held for the whole of every transaction that appends to the audit log, from reading
     /// the chain head to commit, so two appends in this process never race for one `seq`.
     /// (The unique `seq` primary key still catches a writer in another process.) On SQLite it
     /// also keeps read-then-write transactions from failing to upgrade their lock.
-    audit_lock: Arc<tokio::sync::Mutex<()>>,
+    pub(crate) audit_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -62,7 +62,7 @@ impl Store {
         let mut opts = ConnectOptions::new(url.to_owned());
         opts.sqlx_logging(false)
             .connect_timeout(Duration::from_secs(10))
-            .acquire_timeout(Duration::from_secs(30));
+            .acquire_timeout(Duration::from_secs(10));
         if url.starts_with("sqlite:") {
             // One writer at a time is all SQLite allows; a small pool avoids lock churn.
             opts.max_connections(4).min_connections(1);
@@ -103,7 +103,7 @@ impl Store {
         self.writes.load(Ordering::Relaxed)
     }
 
-    fn count_write(&self) {
+    pub(crate) fn count_write(&self) {
         self.writes.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -591,7 +591,7 @@ impl Store {
     }
 
     /// Callers hold `audit_lock` for the whole transaction.
-    async fn append_audit_in(
+    pub(crate) async fn append_audit_in(
         &self,
         txn: &DatabaseTransaction,
         event: NewAuditEvent,

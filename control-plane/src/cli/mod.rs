@@ -1,13 +1,17 @@
 //! The `steward` admin CLI: argument parsing, the authenticated client, and rendering.
 
+mod models;
 mod render;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use steward_proto::admin::v1::admin_service_client::AdminServiceClient;
+use steward_proto::admin::v1::audit_service_client::AuditServiceClient;
+use steward_proto::admin::v1::model_service_client::ModelServiceClient;
+use steward_proto::admin::v1::trust_service_client::TrustServiceClient;
 use steward_proto::admin::v1::{
     CreateEnrollmentTokenRequest, ListEnrollmentTokensRequest, ListNodesRequest, NodeRef,
     RevokeEnrollmentTokenRequest,
@@ -31,9 +35,10 @@ pub const DEFAULT_DATA_DIR: &str = "steward-data";
 pub struct Cli {
     #[command(flatten)]
     pub conn: Connection,
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table, global = true)]
-    pub output: Output,
+    /// `table` (default) or `json` for commands that show things; the output file for
+    /// `model sign` and `audit export`.
+    #[arg(short = 'o', long, global = true, value_name = "FORMAT|FILE")]
+    pub output: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -51,10 +56,22 @@ pub struct Connection {
     pub ca_file: Option<PathBuf>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
     Table,
     Json,
+}
+
+impl Output {
+    fn parse(text: Option<&str>) -> anyhow::Result<Self> {
+        match text {
+            None | Some("table") => Ok(Self::Table),
+            Some("json") => Ok(Self::Json),
+            Some(other) => {
+                anyhow::bail!("-o/--output must be `table` or `json` here, not `{other}`")
+            }
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,6 +82,15 @@ pub enum Command {
     /// Enrollment tokens.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The model registry: push, import, sign, list, show, revoke.
+    #[command(subcommand)]
+    Model(models::ModelCommand),
+    /// The trust policy: which keys may sign which models.
+    #[command(subcommand)]
+    Trust(models::TrustCommand),
+    /// The tamper-evident audit log: export and verify.
+    #[command(subcommand)]
+    Audit(models::AuditCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,8 +126,23 @@ pub enum TokenCommand {
 
 /// Runs one CLI invocation, printing to stdout.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    // Commands that work offline never dial the control plane.
+    if let Some(out) = models::run_offline(&cli.command, cli.output.as_deref())? {
+        println!("{}", out.trim_end());
+        return Ok(());
+    }
+    if let Command::Audit(cmd) = cli.command {
+        let mut client = Client::connect(&cli.conn).await?;
+        let out = models::run_audit(&mut client, cmd, cli.output.as_deref()).await?;
+        println!("{}", out.trim_end());
+        return Ok(());
+    }
+    let output = Output::parse(cli.output.as_deref())?;
     let mut client = Client::connect(&cli.conn).await?;
     let out = match cli.command {
+        Command::Model(cmd) => models::run_model(&mut client, cmd, output).await?,
+        Command::Trust(cmd) => models::run_trust(&mut client, cmd, output).await?,
+        Command::Audit(_) => unreachable!("handled above"),
         Command::Nodes(cmd) => {
             let node_ref = |node: String| NodeRef { node };
             match cmd {
@@ -112,7 +153,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         .await?
                         .into_inner()
                         .nodes;
-                    match cli.output {
+                    match output {
                         Output::Json => serde_json::to_string_pretty(
                             &nodes.iter().map(render::node_json).collect::<Vec<_>>(),
                         )?,
@@ -124,28 +165,28 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         .admin
                         .get_node(client.request(node_ref(node)))
                         .await?;
-                    render_node(cli.output, &node.into_inner())?
+                    render_node(output, &node.into_inner())?
                 }
                 NodesCommand::Cordon { node } => {
                     let node = client
                         .admin
                         .cordon_node(client.request(node_ref(node)))
                         .await?;
-                    render_node(cli.output, &node.into_inner())?
+                    render_node(output, &node.into_inner())?
                 }
                 NodesCommand::Uncordon { node } => {
                     let node = client
                         .admin
                         .uncordon_node(client.request(node_ref(node)))
                         .await?;
-                    render_node(cli.output, &node.into_inner())?
+                    render_node(output, &node.into_inner())?
                 }
                 NodesCommand::Drain { node } => {
                     let node = client
                         .admin
                         .drain_node(client.request(node_ref(node)))
                         .await?;
-                    render_node(cli.output, &node.into_inner())?
+                    render_node(output, &node.into_inner())?
                 }
             }
         }
@@ -159,7 +200,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     }))
                     .await?
                     .into_inner();
-                match cli.output {
+                match output {
                     Output::Json => {
                         let mut value = serde_json::to_value(&created)?;
                         if let Some(info) = &created.info {
@@ -177,7 +218,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await?
                     .into_inner()
                     .tokens;
-                match cli.output {
+                match output {
                     Output::Json => serde_json::to_string_pretty(
                         &tokens.iter().map(render::token_json).collect::<Vec<_>>(),
                     )?,
@@ -190,7 +231,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .revoke_enrollment_token(client.request(RevokeEnrollmentTokenRequest { id }))
                     .await?
                     .into_inner();
-                match cli.output {
+                match output {
                     Output::Json => serde_json::to_string_pretty(&render::token_json(&token))?,
                     Output::Table => render::tokens_table(std::slice::from_ref(&token)),
                 }
@@ -211,6 +252,9 @@ fn render_node(output: Output, node: &steward_proto::admin::v1::Node) -> anyhow:
 /// An authenticated admin client.
 pub struct Client {
     pub admin: AdminServiceClient<Channel>,
+    pub models: ModelServiceClient<Channel>,
+    pub trust: TrustServiceClient<Channel>,
+    pub audit: AuditServiceClient<Channel>,
     authorization: MetadataValue<tonic::metadata::Ascii>,
 }
 
@@ -237,7 +281,10 @@ impl Client {
             .parse()
             .context("the admin credential contains characters not allowed in a header")?;
         Ok(Self {
-            admin: AdminServiceClient::new(channel),
+            admin: AdminServiceClient::new(channel.clone()),
+            models: ModelServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
+            trust: TrustServiceClient::new(channel.clone()),
+            audit: AuditServiceClient::new(channel),
             authorization,
         })
     }

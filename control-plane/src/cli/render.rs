@@ -309,6 +309,153 @@ pub fn tokens_table(tokens: &[EnrollmentToken]) -> String {
     t.to_string()
 }
 
+fn short_digest(digest: &str) -> String {
+    digest.chars().take(12).collect()
+}
+
+fn count(n: u64) -> String {
+    match n {
+        0..1_000 => n.to_string(),
+        1_000..1_000_000 => format!("{:.1}K", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        _ => format!("{:.2}B", n as f64 / 1e9),
+    }
+}
+
+pub fn models_table(models: &[steward_proto::admin::v1::Model]) -> String {
+    if models.is_empty() {
+        return "No models. Push one with `steward model push FILE --name N --version V --signature SIG`.".into();
+    }
+    let mut t = table(&[
+        "NAME", "VERSION", "DIGEST", "SIZE", "ARCH", "PARAMS", "QUANT", "SIGNER", "STATUS",
+    ]);
+    for m in models {
+        let g = m.gguf.clone().unwrap_or_default();
+        t.add_row(vec![
+            m.name.clone(),
+            m.version.clone(),
+            short_digest(&m.digest),
+            bytes(m.size_bytes),
+            g.architecture,
+            count(g.parameter_count),
+            g.quantization,
+            if m.signer.is_empty() {
+                "unsigned".into()
+            } else {
+                m.signer.chars().take(23).collect()
+            },
+            if m.revoked {
+                "REVOKED".into()
+            } else {
+                m.verification.clone()
+            },
+        ]);
+    }
+    t.to_string()
+}
+
+pub fn model_detail(m: &steward_proto::admin::v1::Model) -> String {
+    let g = m.gguf.clone().unwrap_or_default();
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<22}{v}\n"));
+    line("Model:", format!("{}@{}", m.name, m.version));
+    line("Digest:", format!("sha256:{}", m.digest));
+    line(
+        "Size:",
+        format!("{} ({} bytes)", bytes(m.size_bytes), m.size_bytes),
+    );
+    line("File:", m.file_name.clone());
+    line(
+        "Signer:",
+        if m.signer.is_empty() {
+            "(unsigned)".into()
+        } else {
+            m.signer.clone()
+        },
+    );
+    line("Verification:", m.verification.clone());
+    if m.revoked {
+        line(
+            "Revoked:",
+            format!("yes, at unix {}: {}", m.revoked_at_unix, m.revoked_reason),
+        );
+    }
+    line("Architecture:", g.architecture);
+    if !g.model_name.is_empty() {
+        line("GGUF name:", g.model_name);
+    }
+    line(
+        "Parameters:",
+        format!("{} ({})", count(g.parameter_count), g.parameter_count),
+    );
+    line("Quantization:", g.quantization);
+    line("Context length:", g.context_length.to_string());
+    line("Layers:", g.layer_count.to_string());
+    line("Load estimate:", bytes(g.estimated_load_bytes));
+    line(
+        "GGUF:",
+        format!(
+            "v{}, {} tensors, chat template: {}",
+            g.gguf_version,
+            g.tensor_count,
+            if g.has_chat_template { "yes" } else { "no" }
+        ),
+    );
+    line(
+        "Pushed by:",
+        format!("{} at unix {}", m.created_by, m.created_at_unix),
+    );
+    out
+}
+
+pub fn trust_policy(p: &steward_proto::admin::v1::TrustPolicy) -> String {
+    use steward_proto::admin::v1::TrustAnchorKind;
+    let mut out = String::new();
+    if p.anchors.is_empty() {
+        out.push_str("No trust anchors: every signed model is refused. Add one with `steward trust add-key KEY.pub`.\n");
+    } else {
+        let mut t = table(&[
+            "ID",
+            "KIND",
+            "FINGERPRINT",
+            "MODELS",
+            "IDENTITY",
+            "DESCRIPTION",
+        ]);
+        for a in &p.anchors {
+            t.add_row(vec![
+                a.id.clone(),
+                match TrustAnchorKind::try_from(a.kind) {
+                    Ok(TrustAnchorKind::CertificateRoot) => "certificate root".into(),
+                    _ => "public key".to_owned(),
+                },
+                a.fingerprint.chars().take(23).collect(),
+                a.name_pattern.clone(),
+                if a.identity.is_empty() {
+                    "-".into()
+                } else {
+                    a.identity.clone()
+                },
+                a.description.clone(),
+            ]);
+        }
+        out.push_str(&t.to_string());
+        out.push('\n');
+    }
+    if p.unsigned_allowed.is_empty() {
+        out.push_str("Unsigned models: refused.\n");
+    } else {
+        out.push_str("\nUNSIGNED MODELS ALLOWED (development):\n");
+        for a in &p.unsigned_allowed {
+            out.push_str(&format!(
+                "  {}  by {}: {}\n",
+                a.name_pattern, a.created_by, a.reason
+            ));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,6 @@ use steward_proto::admin::v1::{
     ListEnrollmentTokensRequest, ListEnrollmentTokensResponse, ListNodesRequest, ListNodesResponse,
     Node, NodeRef, RevokeEnrollmentTokenRequest,
 };
-use steward_proto::enrollment::{AdminCredential, hash_secret};
 use tonic::{Request, Response, Status};
 
 use super::{convert, status};
@@ -27,36 +26,7 @@ impl AdminApi {
     }
 
     async fn authorize<T>(&self, request: &Request<T>) -> Result<Actor, Status> {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "missing admin credential: pass --token or set STEWARD_TOKEN",
-                )
-            })?
-            .to_str()
-            .map_err(|_| Status::unauthenticated("authorization header is not text"))?;
-        let presented = header.strip_prefix("Bearer ").ok_or_else(|| {
-            Status::unauthenticated("authorization must be `Bearer <credential>`")
-        })?;
-        let credential = AdminCredential::parse(presented)
-            .map_err(|e| Status::unauthenticated(format!("invalid admin credential: {e}")))?;
-        let stored = self
-            .fleet
-            .store
-            .find_admin_credential(&credential.id)
-            .await
-            .map_err(|e| status(e.into()))?;
-        match stored {
-            Some(stored) if stored.secret_hash == hash_secret(&credential.secret) => {
-                Ok(Actor::Admin {
-                    credential_id: stored.id,
-                    name: stored.name,
-                })
-            }
-            _ => Err(Status::unauthenticated("unknown or wrong admin credential")),
-        }
+        super::auth::authorize(&self.fleet.store, request).await
     }
 
     fn node(&self, record: steward_db::NodeRecord) -> Node {

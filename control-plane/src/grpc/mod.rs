@@ -2,7 +2,9 @@
 
 pub mod admin;
 pub mod agent;
+pub mod auth;
 mod convert;
+pub mod models;
 
 use tonic::Status;
 

@@ -4,7 +4,9 @@ use sha2::{Digest, Sha256};
 use std::io::Read;
 
 /// A sha256 digest as lowercase hex.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Sha256Hex(String);
 
 impl Sha256Hex {

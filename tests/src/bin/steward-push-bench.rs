@@ -1,0 +1,190 @@
+//! Push throughput over loopback TLS against the physical bound measured in the same run.
+//!
+//! For each file: warm the page cache, time `openssl dgst -sha256` (the bound: one pass of
+//! sha256 over cached bytes), then time `steward model push` of the same file into a real
+//! `steward-control-plane` (TLS, streaming, hashing, writing, fsync, GGUF pre-parse,
+//! signature check, DB row), sampling the control plane's RSS during the push.
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! target/release/steward-push-bench FILE...
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+fn main() -> anyhow::Result<()> {
+    let files: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
+    if files.is_empty() {
+        bail!("usage: steward-push-bench FILE.gguf...");
+    }
+    let dir = std::env::current_exe()?
+        .parent()
+        .context("binary dir")?
+        .to_owned();
+    let work = tempfile::tempdir()?;
+    let data = work.path().join("cp");
+    let port = free_port()?;
+    let mut cp = Command::new(dir.join("steward-control-plane"))
+        .args(["--data-dir", data.to_str().context("path")?])
+        .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let pid = cp.id();
+    let mut credential = String::new();
+    for line in BufReader::new(cp.stdout.take().context("stdout")?).lines() {
+        let line = line?;
+        if let Some(c) = line.strip_prefix("bootstrap admin credential (shown once): ") {
+            credential = c.to_owned();
+        }
+        if line.starts_with("control plane ready") {
+            break;
+        }
+    }
+    let steward = |args: &[&str]| -> anyhow::Result<std::process::Output> {
+        Ok(Command::new(dir.join("steward"))
+            .args(args)
+            .env("STEWARD_ENDPOINT", format!("https://127.0.0.1:{port}"))
+            .env("STEWARD_TOKEN", &credential)
+            .env("STEWARD_CA_FILE", data.join("ca.pem"))
+            .output()?)
+    };
+
+    // A fresh signing key trusted for the bench's model names.
+    let key = rcgen::KeyPair::generate()?;
+    let key_path = work.path().join("key.pem");
+    let pub_path = work.path().join("key.pub");
+    std::fs::write(&key_path, key.serialize_pem())?;
+    std::fs::write(&pub_path, key.public_key_pem())?;
+    let out = steward(&[
+        "trust",
+        "add-key",
+        pub_path.to_str().context("path")?,
+        "--models",
+        "bench-*",
+    ])?;
+    if !out.status.success() {
+        bail!(
+            "trust add-key failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    println!(
+        "| file | size | openssl sha256 s | openssl MB/s | push s | push MB/s | push / openssl | cp RSS before MiB | cp RSS peak MiB |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (i, file) in files.iter().enumerate() {
+        let size = std::fs::metadata(file)?.len();
+        let sig = work.path().join(format!("{i}.sig"));
+        let out = steward(&[
+            "model",
+            "sign",
+            file.to_str().context("path")?,
+            "--key",
+            key_path.to_str().context("path")?,
+            "--output",
+            sig.to_str().context("path")?,
+        ])?;
+        if !out.status.success() {
+            bail!("sign failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        warm(file)?;
+        let bound = (0..2)
+            .map(|_| openssl(file))
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .into_iter()
+            .min()
+            .context("timing")?;
+        let rss_before = rss_mib(pid)?;
+        let sampler_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let stop = sampler_stop.clone();
+            std::thread::spawn(move || {
+                let mut peak = 0f64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    peak = peak.max(rss_mib(pid).unwrap_or(0.0));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                peak
+            })
+        };
+        let started = Instant::now();
+        let out = steward(&[
+            "model",
+            "push",
+            file.to_str().context("path")?,
+            "--name",
+            &format!("bench-{i}"),
+            "--version",
+            "1",
+            "--signature",
+            sig.to_str().context("path")?,
+        ])?;
+        let push = started.elapsed();
+        sampler_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let peak = sampler.join().map_err(|_| anyhow::anyhow!("sampler"))?;
+        if !out.status.success() {
+            bail!("push failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let mb = size as f64 / 1e6;
+        println!(
+            "| {} | {:.0} MB | {:.3} | {:.0} | {:.3} | {:.0} | {:.2} | {:.0} | {:.0} |",
+            file.file_name().and_then(|n| n.to_str()).unwrap_or("?"),
+            mb,
+            bound.as_secs_f64(),
+            mb / bound.as_secs_f64(),
+            push.as_secs_f64(),
+            mb / push.as_secs_f64(),
+            bound.as_secs_f64() / push.as_secs_f64(),
+            rss_before,
+            peak
+        );
+    }
+    let _ = cp.kill();
+    let _ = cp.wait();
+    Ok(())
+}
+
+fn warm(file: &Path) -> anyhow::Result<()> {
+    let mut f = std::fs::File::open(file)?;
+    std::io::copy(&mut f, &mut std::io::sink())?;
+    Ok(())
+}
+
+fn openssl(file: &Path) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let status = Command::new("openssl")
+        .args(["dgst", "-sha256"])
+        .arg(file)
+        .stdout(Stdio::null())
+        .status()
+        .context("running openssl")?;
+    if !status.success() {
+        bail!("openssl failed");
+    }
+    Ok(started.elapsed())
+}
+
+fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("VmRSS")?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
