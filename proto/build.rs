@@ -10,6 +10,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // types directly instead of a hand-kept mirror.
         .type_attribute(".", "#[derive(serde::Serialize, serde::Deserialize)]")
         .message_attribute(".", "#[serde(default)]")
+        // Artifact chunks stay `Bytes` end to end: no copy between the wire and the disk.
+        .bytes(".steward.admin.v1.PushModelRequest.chunk")
         .file_descriptor_set_path(out_dir.join("steward_descriptor.bin"))
         .compile_with_config(
             config,

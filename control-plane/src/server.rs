@@ -31,6 +31,9 @@ use crate::registry::{Registry, RegistrySettings};
 /// Largest gRPC message a push may carry (the CLI sends 1 MiB chunks; headers carry the
 /// signature bundle).
 const PUSH_MESSAGE_LIMIT: usize = 16 << 20;
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 16 << 20;
+const MAX_FRAME: u32 = 256 << 10;
 
 /// Everything the control plane needs to start, minus its sockets.
 #[derive(Clone, Debug)]
@@ -158,6 +161,10 @@ impl ControlPlane {
         let grpc = Server::builder()
             .tls_config(tls)?
             .tcp_nodelay(true)
+            // Large HTTP/2 windows so a model push is not throttled to 64 KiB per round trip.
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(AgentServiceServer::new(AgentApi::new(fleet.clone())))

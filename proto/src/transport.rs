@@ -153,6 +153,10 @@ pub async fn connect(
     Endpoint::from_shared(plain)
         .map_err(|_| TransportError::BadEndpoint(endpoint.to_owned()))?
         .connect_timeout(std::time::Duration::from_secs(10))
+        // Large HTTP/2 windows: artifacts stream at disk speed, not 64 KiB per round trip.
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_frame_size(256 << 10)
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
         .keep_alive_timeout(std::time::Duration::from_secs(10))
         .connect_with_connector(connector)

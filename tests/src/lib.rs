@@ -311,7 +311,7 @@ impl Admin {
         }];
         for chunk in bytes.chunks(64 * 1024) {
             messages.push(PushModelRequest {
-                body: Some(push_model_request::Body::Chunk(chunk.to_vec())),
+                body: Some(push_model_request::Body::Chunk(chunk.to_vec().into())),
             });
         }
         self.models()

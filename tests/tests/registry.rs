@@ -358,7 +358,7 @@ async fn oversized_and_interrupted_pushes_leave_nothing_behind() {
     .await
     .unwrap();
     tx.send(PushModelRequest {
-        body: Some(push_model_request::Body::Chunk(vec![7u8; 100])),
+        body: Some(push_model_request::Body::Chunk(vec![7u8; 100].into())),
     })
     .await
     .unwrap();

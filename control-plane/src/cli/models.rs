@@ -271,7 +271,7 @@ async fn push(
             }
             chunk.truncate(filled);
             let message = wire::PushModelRequest {
-                body: Some(push_model_request::Body::Chunk(chunk)),
+                body: Some(push_model_request::Body::Chunk(chunk.into())),
             };
             if tx.send(message).await.is_err() {
                 return Ok(());

@@ -121,6 +121,7 @@ impl ModelApi {
         stream: &mut Streaming<wire::PushModelRequest>,
     ) -> Result<ModelRecord, (RegistryError, Option<Sha256Hex>)> {
         let no_digest = |e: RegistryError| (e, None);
+        let started = std::time::Instant::now();
         self.registry.check_header(header).map_err(no_digest)?;
         let mut upload = self
             .registry
@@ -140,14 +141,21 @@ impl ModelApi {
                 )));
             };
             upload
-                .write(&chunk)
+                .write(chunk)
                 .await
                 .map_err(|e| no_digest(e.into()))?;
         }
+        let received = started.elapsed();
         let staged = upload
             .finish(header.size_bytes)
             .await
             .map_err(|e| no_digest(e.into()))?;
+        tracing::debug!(
+            bytes = staged.size,
+            received_ms = received.as_millis() as u64,
+            synced_ms = (started.elapsed() - received).as_millis() as u64,
+            "upload staged"
+        );
         let digest = staged.digest.clone();
         self.registry
             .accept(actor, header, staged)

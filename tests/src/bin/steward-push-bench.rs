@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! cargo build --release --workspace --bins
-//! target/release/steward-push-bench FILE...
+//! target/release/steward-push-bench --make-gguf /tmp/big.gguf 2048   # a valid 2 GiB GGUF
+//! target/release/steward-push-bench target/models/gemma3-270m-q4_k_m.gguf /tmp/big.gguf
 //! ```
 
 use std::io::{BufRead, BufReader};
@@ -18,7 +19,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 fn main() -> anyhow::Result<()> {
-    let files: Vec<PathBuf> = std::env::args().skip(1).map(PathBuf::from).collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--make-gguf") {
+        let (Some(path), Some(mib)) = (args.get(1), args.get(2)) else {
+            bail!("usage: steward-push-bench --make-gguf PATH MIB");
+        };
+        return make_gguf(Path::new(path), mib.parse()?);
+    }
+    let files: Vec<PathBuf> = args.iter().map(PathBuf::from).collect();
     if files.is_empty() {
         bail!("usage: steward-push-bench FILE.gguf...");
     }
@@ -33,7 +41,7 @@ fn main() -> anyhow::Result<()> {
         .args(["--data-dir", data.to_str().context("path")?])
         .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
         .args(["--http-listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
         .stdout(Stdio::piped())
         .spawn()?;
     let pid = cp.id();
@@ -149,6 +157,22 @@ fn main() -> anyhow::Result<()> {
     }
     let _ = cp.kill();
     let _ = cp.wait();
+    Ok(())
+}
+
+/// Writes a valid GGUF whose single F32 tensor makes it `mib` MiB large.
+fn make_gguf(path: &Path, mib: u64) -> anyhow::Result<()> {
+    use steward_artifact::gguf::{GgmlType, writer::GgufWriter};
+    let floats = mib * (1 << 20) / 4;
+    let data = vec![0u8; usize::try_from(floats * 4)?];
+    GgufWriter::new(3)
+        .kv_string("general.architecture", "llama")
+        .kv_string("general.name", "push benchmark filler")
+        .kv_u32("llama.context_length", 2048)
+        .kv_u32("llama.block_count", 1)
+        .tensor_raw("token_embd.weight", &[floats], GgmlType::F32, data)
+        .write_to(path)?;
+    println!("wrote {} ({} MiB)", path.display(), mib);
     Ok(())
 }
 
