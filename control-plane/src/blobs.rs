@@ -7,8 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
-use steward_artifact::digest::{Sha256Hex, StreamingDigest};
 use bytes::Bytes;
+use steward_artifact::digest::{Sha256Hex, StreamingDigest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -146,7 +146,10 @@ impl BlobWriter {
         match direct {
             Ok(file) => Ok(Self {
                 file,
-                direct: Some(aligned_vec::AVec::with_capacity(DIRECT_ALIGN, DIRECT_BUFFER)),
+                direct: Some(aligned_vec::AVec::with_capacity(
+                    DIRECT_ALIGN,
+                    DIRECT_BUFFER,
+                )),
                 len: 0,
             }),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -229,10 +232,14 @@ impl Upload {
         if !sent {
             // The writer stopped early: report its error.
             self.sender = None;
-            return Err(self.join_writer().await.err().unwrap_or_else(|| BlobError::Io {
-                path: self.path.clone(),
-                source: std::io::Error::other("blob writer stopped"),
-            }));
+            return Err(self
+                .join_writer()
+                .await
+                .err()
+                .unwrap_or_else(|| BlobError::Io {
+                    path: self.path.clone(),
+                    source: std::io::Error::other("blob writer stopped"),
+                }));
         }
         Ok(())
     }
@@ -397,9 +404,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let mut up = store.begin(4).await.unwrap();
-        up.write(b"abcd").await.unwrap();
+        up.write(&b"abcd"[..]).await.unwrap();
         assert!(matches!(
-            up.write(b"e").await,
+            up.write(&b"e"[..]).await,
             Err(BlobError::TooLarge { limit: 4 })
         ));
     }

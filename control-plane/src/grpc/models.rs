@@ -140,10 +140,7 @@ impl ModelApi {
                     "only data chunks may follow the header".into(),
                 )));
             };
-            upload
-                .write(chunk)
-                .await
-                .map_err(|e| no_digest(e.into()))?;
+            upload.write(chunk).await.map_err(|e| no_digest(e.into()))?;
         }
         let received = started.elapsed();
         let staged = upload

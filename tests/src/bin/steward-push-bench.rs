@@ -41,7 +41,10 @@ fn main() -> anyhow::Result<()> {
         .args(["--data-dir", data.to_str().context("path")?])
         .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
         .args(["--http-listen", "127.0.0.1:0"])
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .spawn()?;
     let pid = cp.id();
