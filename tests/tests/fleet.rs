@@ -11,20 +11,7 @@ use steward_proto::agent::v1::agent_service_client::AgentServiceClient;
 use steward_proto::agent::v1::{AgentMessage, Hello, agent_message};
 use steward_tests::{Backend, TestAgent, TestControlPlane, TestDb, init_logging};
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(steward_tests::Backend::Sqlite).await }) *
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(steward_tests::Backend::Postgres).await }) *
-        }
-    };
-}
-
-on_both_backends!(
+steward_tests::on_both_backends!(
     agent_enrolls_and_its_node_becomes_ready_with_its_inventory,
     used_expired_revoked_and_forged_tokens_are_refused_and_audited,
     node_goes_unavailable_when_its_agent_stops_and_returns_with_the_same_id,

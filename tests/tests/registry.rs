@@ -11,20 +11,7 @@ use steward_tests::{
     Backend, TestControlPlane, TestDb, init_logging, sign, signing_key, tiny_gguf,
 };
 
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(steward_tests::Backend::Sqlite).await }) *
-        }
-        mod postgres {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(steward_tests::Backend::Postgres).await }) *
-        }
-    };
-}
-
-on_both_backends!(
+steward_tests::on_both_backends!(
     a_signed_push_is_verified_listed_and_stored_once_per_digest,
     unsigned_models_are_refused_until_an_audited_allowance_permits_them,
     tampered_bytes_other_keys_and_swapped_signatures_are_refused,

@@ -10,7 +10,7 @@ use sea_orm::{
 
 use crate::entity::{artifact, audit_event, model_version, trust_anchor, unsigned_allowance};
 use crate::records::*;
-use crate::store::{DbError, Store};
+use crate::store::{DbError, Store, audit_record};
 
 fn artifact_record(m: artifact::Model) -> ArtifactRecord {
     ArtifactRecord {
@@ -365,17 +365,7 @@ impl Store {
             .all(&self.db)
             .await?
             .into_iter()
-            .map(|m| AuditRecord {
-                seq: m.seq,
-                at: m.at,
-                actor: m.actor,
-                action: m.action,
-                target: m.target,
-                outcome: m.outcome,
-                details: m.details,
-                prev_hash: m.prev_hash,
-                hash: m.hash,
-            })
+            .map(audit_record)
             .collect())
     }
 }

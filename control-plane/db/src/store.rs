@@ -576,17 +576,7 @@ impl Store {
             .all(&self.db)
             .await?
             .into_iter()
-            .map(|m| AuditRecord {
-                seq: m.seq,
-                at: m.at,
-                actor: m.actor,
-                action: m.action,
-                target: m.target,
-                outcome: m.outcome,
-                details: m.details,
-                prev_hash: m.prev_hash,
-                hash: m.hash,
-            })
+            .map(audit_record)
             .collect())
     }
 
@@ -667,6 +657,20 @@ async fn unique_node_name(
         };
     }
     Ok(candidate)
+}
+
+pub(crate) fn audit_record(m: audit_event::Model) -> AuditRecord {
+    AuditRecord {
+        seq: m.seq,
+        at: m.at,
+        actor: m.actor,
+        action: m.action,
+        target: m.target,
+        outcome: m.outcome,
+        details: m.details,
+        prev_hash: m.prev_hash,
+        hash: m.hash,
+    }
 }
 
 fn token_record(m: enrollment_token::Model) -> EnrollmentTokenRecord {

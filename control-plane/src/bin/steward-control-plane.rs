@@ -38,6 +38,9 @@ struct Args {
     /// Lifetime of agent client certificates; agents renew at two thirds.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     agent_certificate_ttl: Duration,
+    /// Largest model artifact accepted by push or import, in bytes.
+    #[arg(long, env = "STEWARD_MAX_ARTIFACT_BYTES", default_value_t = 256 << 30)]
+    max_artifact_bytes: u64,
     /// Export traces over OTLP/gRPC to this endpoint (e.g. http://127.0.0.1:4317).
     #[arg(long, env = "STEWARD_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -80,6 +83,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.server_names = args.server_names;
     config.heartbeat_timeout = args.heartbeat_timeout;
     config.fleet.agent_certificate_ttl = args.agent_certificate_ttl;
+    config.registry.max_artifact_bytes = args.max_artifact_bytes;
     steward_control_plane::run(config, listeners, shutdown_signal(), |cp| {
         if let Some(credential) = &cp.bootstrap_admin_credential {
             // Printed once, on stdout, and never stored in plain text.
