@@ -7,7 +7,6 @@
 
 use std::path::{Path, PathBuf};
 
-use bytes::Bytes;
 use steward_artifact::digest::{Sha256Hex, StreamingDigest};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +56,12 @@ impl BlobStore {
         self.path_of(digest).is_file()
     }
 
-    /// Starts an upload of at most `max_bytes`. Hashing and writing run on a blocking
-    /// thread fed through a small queue, so receiving the next chunk overlaps with hashing
-    /// and writing the previous one.
+    /// Starts an upload of at most `max_bytes`.
+    ///
+    /// The receiving task copies incoming bytes into page-aligned 8 MiB blocks from a small
+    /// recycled pool (so the network buffers are released at once and no fresh pages are
+    /// faulted in per chunk); a blocking thread hashes each full block and writes it. Receiving,
+    /// hashing and writing overlap.
     pub async fn begin(&self, max_bytes: u64) -> Result<Upload, BlobError> {
         let path = self
             .root
@@ -69,7 +71,11 @@ impl BlobStore {
             path: path.clone(),
             source,
         })?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let (full_tx, mut full_rx) = tokio::sync::mpsc::channel::<Block>(POOL);
+        let (free_tx, free_rx) = tokio::sync::mpsc::channel::<Block>(POOL);
+        for _ in 1..POOL {
+            let _ = free_tx.try_send(Block::with_capacity(DIRECT_ALIGN, BLOCK));
+        }
         let writer_path = path.clone();
         let writer = tokio::task::spawn_blocking(move || {
             let mut digest = StreamingDigest::new();
@@ -77,16 +83,27 @@ impl BlobStore {
                 path: writer_path.clone(),
                 source,
             };
-            while let Some(chunk) = rx.blocking_recv() {
-                digest.update(&chunk);
-                out.write(&chunk).map_err(io)?;
+            let mut last = None;
+            while let Some(mut block) = full_rx.blocking_recv() {
+                digest.update(&block);
+                if block.len() < BLOCK {
+                    // Only the final block is partial.
+                    last = Some(block);
+                    break;
+                }
+                out.write_block(&block).map_err(io)?;
+                block.clear();
+                // The upload may be gone; then nobody needs the block back.
+                let _ = free_tx.blocking_send(block);
             }
-            out.finish().map_err(io)?;
+            out.finish(last.as_mut()).map_err(io)?;
             Ok(digest)
         });
         Ok(Upload {
             store: self.clone(),
-            sender: Some(tx),
+            current: Some(Block::with_capacity(DIRECT_ALIGN, BLOCK)),
+            free: free_rx,
+            full: Some(full_tx),
             writer: Some(writer),
             path,
             received: 0,
@@ -104,8 +121,8 @@ impl BlobStore {
                 source: e,
             })?;
         let mut upload = self.begin(max_bytes).await?;
+        let mut buf = vec![0u8; 1 << 20];
         loop {
-            let mut buf = vec![0u8; 1 << 20];
             let n = file.read(&mut buf).await.map_err(|e| BlobError::Io {
                 path: source.to_owned(),
                 source: e,
@@ -113,27 +130,30 @@ impl BlobStore {
             if n == 0 {
                 break;
             }
-            buf.truncate(n);
-            upload.write(buf).await?;
+            upload.write(&buf[..n]).await?;
         }
         let len = upload.len();
         upload.finish(len).await
     }
 }
 
-/// Writes a blob to disk. Where the filesystem supports it, the file is opened with
-/// `O_DIRECT` and written from an aligned buffer: copying gigabytes into the page cache costs
-/// more CPU than hashing them (it dominated push profiles), and the bytes must reach the disk
-/// before the blob is published anyway. Elsewhere (e.g. tmpfs) it falls back to plain writes.
-struct BlobWriter {
-    file: std::fs::File,
-    /// `Some` in direct mode: the aligned staging buffer.
-    direct: Option<aligned_vec::AVec<u8, aligned_vec::ConstAlign<DIRECT_ALIGN>>>,
-    len: u64,
-}
+/// An aligned block of upload bytes.
+type Block = aligned_vec::AVec<u8, aligned_vec::ConstAlign<DIRECT_ALIGN>>;
 
 const DIRECT_ALIGN: usize = 4096;
-const DIRECT_BUFFER: usize = 8 << 20;
+const BLOCK: usize = 8 << 20;
+/// Blocks per upload: one being filled, one being hashed and written, one queued.
+const POOL: usize = 3;
+
+/// Writes a blob to disk. Where the filesystem supports it, the file is opened with
+/// `O_DIRECT`: copying gigabytes into the page cache cost more CPU than hashing them (it
+/// dominated push profiles), and the bytes must reach the disk before the blob is published
+/// anyway. Elsewhere (e.g. tmpfs) it falls back to plain writes.
+struct BlobWriter {
+    file: std::fs::File,
+    direct: bool,
+    len: u64,
+}
 
 impl BlobWriter {
     fn create(path: &Path) -> std::io::Result<Self> {
@@ -146,17 +166,14 @@ impl BlobWriter {
         match direct {
             Ok(file) => Ok(Self {
                 file,
-                direct: Some(aligned_vec::AVec::with_capacity(
-                    DIRECT_ALIGN,
-                    DIRECT_BUFFER,
-                )),
+                direct: true,
                 len: 0,
             }),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 let _ = std::fs::remove_file(path);
                 Ok(Self {
                     file: std::fs::File::create_new(path)?,
-                    direct: None,
+                    direct: false,
                     len: 0,
                 })
             }
@@ -164,34 +181,29 @@ impl BlobWriter {
         }
     }
 
-    fn write(&mut self, mut chunk: &[u8]) -> std::io::Result<()> {
+    /// Writes a full block (its length is a multiple of the alignment).
+    fn write_block(&mut self, block: &Block) -> std::io::Result<()> {
         use std::io::Write;
-        self.len += chunk.len() as u64;
-        let Some(buf) = self.direct.as_mut() else {
-            return self.file.write_all(chunk);
-        };
-        while !chunk.is_empty() {
-            let take = (DIRECT_BUFFER - buf.len()).min(chunk.len());
-            buf.extend_from_slice(&chunk[..take]);
-            chunk = &chunk[take..];
-            if buf.len() == DIRECT_BUFFER {
-                self.file.write_all(buf)?;
-                buf.clear();
-            }
-        }
-        Ok(())
+        self.len += block.len() as u64;
+        self.file.write_all(block)
     }
 
-    /// Writes what is buffered (padded to the block size, then truncated back) and syncs.
-    fn finish(mut self) -> std::io::Result<()> {
+    /// Writes the final partial block (padded to the alignment in direct mode, then
+    /// truncated back) and syncs the file.
+    fn finish(mut self, last: Option<&mut Block>) -> std::io::Result<()> {
         use std::io::Write;
-        if let Some(buf) = self.direct.as_mut()
-            && !buf.is_empty()
+        if let Some(block) = last
+            && !block.is_empty()
         {
-            let padded = buf.len().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
-            buf.resize(padded, 0);
-            self.file.write_all(buf)?;
-            self.file.set_len(self.len)?;
+            let len = block.len();
+            self.len += len as u64;
+            if self.direct {
+                block.resize(len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN, 0);
+                self.file.write_all(block)?;
+                self.file.set_len(self.len)?;
+            } else {
+                self.file.write_all(block)?;
+            }
         }
         self.file.sync_all()
     }
@@ -201,7 +213,9 @@ impl BlobWriter {
 #[derive(Debug)]
 pub struct Upload {
     store: BlobStore,
-    sender: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    current: Option<Block>,
+    free: tokio::sync::mpsc::Receiver<Block>,
+    full: Option<tokio::sync::mpsc::Sender<Block>>,
     writer: Option<tokio::task::JoinHandle<Result<StreamingDigest, BlobError>>>,
     path: PathBuf,
     received: u64,
@@ -217,31 +231,45 @@ impl Upload {
         self.received == 0
     }
 
-    pub async fn write(&mut self, chunk: impl Into<Bytes>) -> Result<(), BlobError> {
-        let chunk = chunk.into();
+    pub async fn write(&mut self, mut chunk: &[u8]) -> Result<(), BlobError> {
         if self.received + chunk.len() as u64 > self.max_bytes {
             return Err(BlobError::TooLarge {
                 limit: self.max_bytes,
             });
         }
         self.received += chunk.len() as u64;
-        let sent = match &self.sender {
-            Some(sender) => sender.send(chunk).await.is_ok(),
-            None => false,
-        };
-        if !sent {
-            // The writer stopped early: report its error.
-            self.sender = None;
-            return Err(self
-                .join_writer()
-                .await
-                .err()
-                .unwrap_or_else(|| BlobError::Io {
-                    path: self.path.clone(),
-                    source: std::io::Error::other("blob writer stopped"),
-                }));
+        while !chunk.is_empty() {
+            let Some(block) = self.current.as_mut() else {
+                return Err(self.writer_failed().await);
+            };
+            let take = (BLOCK - block.len()).min(chunk.len());
+            block.extend_from_slice(&chunk[..take]);
+            chunk = &chunk[take..];
+            if block.len() == BLOCK {
+                let full = self.current.take();
+                let sent = match (&self.full, full) {
+                    (Some(sender), Some(full)) => sender.send(full).await.is_ok(),
+                    _ => false,
+                };
+                self.current = if sent { self.free.recv().await } else { None };
+                if self.current.is_none() {
+                    return Err(self.writer_failed().await);
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The writer stopped early: its error, or a generic one.
+    async fn writer_failed(&mut self) -> BlobError {
+        self.full = None;
+        match self.join_writer().await {
+            Err(e) => e,
+            Ok(_) => BlobError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::other("blob writer stopped early"),
+            },
+        }
     }
 
     async fn join_writer(&mut self) -> Result<StreamingDigest, BlobError> {
@@ -258,7 +286,10 @@ impl Upload {
     /// Waits for the bytes to be hashed, written and fsynced, and checks the size; the blob
     /// is not visible yet.
     pub async fn finish(mut self, announced: u64) -> Result<Staged, BlobError> {
-        self.sender = None;
+        if let (Some(sender), Some(last)) = (self.full.take(), self.current.take()) {
+            // A partial (possibly empty) final block ends the stream.
+            let _ = sender.send(last).await;
+        }
         let digest = self.join_writer().await?;
         let actual = digest.len();
         if actual != announced {
@@ -277,7 +308,7 @@ impl Upload {
 
 impl Drop for Upload {
     fn drop(&mut self) {
-        self.sender = None;
+        self.full = None;
         if let Some(writer) = self.writer.take() {
             writer.abort();
         }
@@ -352,8 +383,8 @@ mod tests {
         let store = BlobStore::open(dir.path()).unwrap();
         for _ in 0..2 {
             let mut up = store.begin(1024).await.unwrap();
-            up.write(&b"ab"[..]).await.unwrap();
-            up.write(&b"c"[..]).await.unwrap();
+            up.write(b"ab").await.unwrap();
+            up.write(b"c").await.unwrap();
             let staged = up.finish(3).await.unwrap();
             assert_eq!(
                 staged.digest.as_str(),
@@ -373,10 +404,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let mut up = store.begin(1024).await.unwrap();
-        up.write(&b"partial"[..]).await.unwrap();
+        up.write(b"partial").await.unwrap();
         drop(up);
         let mut up = store.begin(1024).await.unwrap();
-        up.write(&b"abc"[..]).await.unwrap();
+        up.write(b"abc").await.unwrap();
         let err = up.finish(10).await.unwrap_err();
         assert!(matches!(
             err,
@@ -400,13 +431,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn uploads_spanning_many_blocks_in_odd_chunks_keep_every_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..(2 * BLOCK + 12_345))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let mut up = store.begin(u64::MAX).await.unwrap();
+        for chunk in data.chunks(777_777) {
+            up.write(chunk).await.unwrap();
+        }
+        let staged = up.finish(data.len() as u64).await.unwrap();
+        let (expected, _) = steward_artifact::digest::sha256_reader(&data[..]).unwrap();
+        assert_eq!(staged.digest, expected);
+        let path = staged.commit().await.unwrap();
+        assert_eq!(std::fs::read(path).unwrap(), data);
+    }
+
+    #[tokio::test]
     async fn uploads_over_the_limit_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path()).unwrap();
         let mut up = store.begin(4).await.unwrap();
-        up.write(&b"abcd"[..]).await.unwrap();
+        up.write(b"abcd").await.unwrap();
         assert!(matches!(
-            up.write(&b"e"[..]).await,
+            up.write(b"e").await,
             Err(BlobError::TooLarge { limit: 4 })
         ));
     }

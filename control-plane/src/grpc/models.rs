@@ -140,7 +140,10 @@ impl ModelApi {
                     "only data chunks may follow the header".into(),
                 )));
             };
-            upload.write(chunk).await.map_err(|e| no_digest(e.into()))?;
+            upload
+                .write(&chunk)
+                .await
+                .map_err(|e| no_digest(e.into()))?;
         }
         let received = started.elapsed();
         let staged = upload
