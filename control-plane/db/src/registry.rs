@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
-    TransactionTrait,
 };
 
 use crate::entity::{artifact, audit_event, model_version, trust_anchor, unsigned_allowance};
@@ -63,11 +62,10 @@ impl Store {
         version: &str,
         audit: NewAuditEvent,
     ) -> Result<Result<ModelRecord, RegisterConflict>, DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         if let Some(existing) =
             model_version::Entity::find_by_id((name.to_owned(), version.to_owned()))
-                .one(&txn)
+                .one(&*txn)
                 .await?
         {
             if existing.digest != artifact.digest {
@@ -78,13 +76,13 @@ impl Store {
                 }));
             }
             let stored = artifact::Entity::find_by_id(existing.digest.clone())
-                .one(&txn)
+                .one(&*txn)
                 .await?
                 .ok_or_else(|| DbError::NotFound(format!("artifact {}", existing.digest)))?;
             return Ok(Ok(model_record(existing, artifact_record(stored))));
         }
         let stored = match artifact::Entity::find_by_id(artifact.digest.clone())
-            .one(&txn)
+            .one(&*txn)
             .await?
         {
             Some(stored) => stored,
@@ -103,7 +101,7 @@ impl Store {
                     revoked_reason: Set(None),
                     revoked_by: Set(None),
                 }
-                .insert(&txn)
+                .insert(&*txn)
                 .await?
             }
         };
@@ -114,11 +112,9 @@ impl Store {
             created_at: Set(artifact.created_at),
             created_by: Set(artifact.created_by.clone()),
         }
-        .insert(&txn)
+        .insert(&*txn)
         .await?;
-        self.append_audit_in(&txn, audit).await?;
-        txn.commit().await?;
-        self.count_write();
+        txn.commit(Some(audit)).await?;
         Ok(Ok(model_record(version_row, artifact_record(stored))))
     }
 
@@ -195,23 +191,19 @@ impl Store {
         now: UnixSeconds,
         audit: NewAuditEvent,
     ) -> Result<Option<ArtifactRecord>, DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         let changed = artifact::Entity::update_many()
             .col_expr(artifact::Column::RevokedAt, Expr::value(now))
             .col_expr(artifact::Column::RevokedReason, Expr::value(reason))
             .col_expr(artifact::Column::RevokedBy, Expr::value(by))
             .filter(artifact::Column::Digest.eq(digest))
             .filter(artifact::Column::RevokedAt.is_null())
-            .exec(&txn)
+            .exec(&*txn)
             .await?
             .rows_affected;
-        if changed == 1 {
-            self.append_audit_in(&txn, audit).await?;
-        }
-        let stored = artifact::Entity::find_by_id(digest).one(&txn).await?;
-        txn.commit().await?;
-        self.count_write();
+        let audit = (changed == 1).then_some(audit);
+        let stored = artifact::Entity::find_by_id(digest).one(&*txn).await?;
+        txn.commit(audit).await?;
         Ok(stored.map(artifact_record))
     }
 
@@ -233,8 +225,7 @@ impl Store {
         anchor: TrustAnchorRecord,
         audit: NewAuditEvent,
     ) -> Result<(), DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         trust_anchor::ActiveModel {
             id: Set(anchor.id),
             kind: Set(anchor.kind),
@@ -246,11 +237,9 @@ impl Store {
             created_at: Set(anchor.created_at),
             created_by: Set(anchor.created_by),
         }
-        .insert(&txn)
+        .insert(&*txn)
         .await?;
-        self.append_audit_in(&txn, audit).await?;
-        txn.commit().await?;
-        self.count_write();
+        txn.commit(Some(audit)).await?;
         Ok(())
     }
 
@@ -260,17 +249,13 @@ impl Store {
         id: &str,
         audit: NewAuditEvent,
     ) -> Result<bool, DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         let deleted = trust_anchor::Entity::delete_by_id(id)
-            .exec(&txn)
+            .exec(&*txn)
             .await?
             .rows_affected;
-        if deleted > 0 {
-            self.append_audit_in(&txn, audit).await?;
-        }
-        txn.commit().await?;
-        self.count_write();
+        let audit = (deleted > 0).then_some(audit);
+        txn.commit(audit).await?;
         Ok(deleted > 0)
     }
 
@@ -295,10 +280,9 @@ impl Store {
         allowance: UnsignedAllowanceRecord,
         audit: NewAuditEvent,
     ) -> Result<(), DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         unsigned_allowance::Entity::delete_by_id(allowance.name_pattern.clone())
-            .exec(&txn)
+            .exec(&*txn)
             .await?;
         unsigned_allowance::ActiveModel {
             name_pattern: Set(allowance.name_pattern),
@@ -306,11 +290,9 @@ impl Store {
             created_at: Set(allowance.created_at),
             created_by: Set(allowance.created_by),
         }
-        .insert(&txn)
+        .insert(&*txn)
         .await?;
-        self.append_audit_in(&txn, audit).await?;
-        txn.commit().await?;
-        self.count_write();
+        txn.commit(Some(audit)).await?;
         Ok(())
     }
 
@@ -319,17 +301,13 @@ impl Store {
         pattern: &str,
         audit: NewAuditEvent,
     ) -> Result<bool, DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         let deleted = unsigned_allowance::Entity::delete_by_id(pattern.to_owned())
-            .exec(&txn)
+            .exec(&*txn)
             .await?
             .rows_affected;
-        if deleted > 0 {
-            self.append_audit_in(&txn, audit).await?;
-        }
-        txn.commit().await?;
-        self.count_write();
+        let audit = (deleted > 0).then_some(audit);
+        txn.commit(audit).await?;
         Ok(deleted > 0)
     }
 

@@ -44,7 +44,7 @@ pub struct Store {
     /// the chain head to commit, so two appends in this process never race for one `seq`.
     /// (The unique `seq` primary key still catches a writer in another process.) On SQLite it
     /// also keeps read-then-write transactions from failing to upgrade their lock.
-    pub(crate) audit_lock: Arc<tokio::sync::Mutex<()>>,
+    audit_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -135,8 +135,7 @@ impl Store {
         ca: CaRecord,
         audit: NewAuditEvent,
     ) -> Result<CaRecord, DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         let inserted = certificate_authority::Entity::insert(certificate_authority::ActiveModel {
             id: Set(CA_ROW_ID.to_owned()),
             certificate_pem: Set(ca.certificate_pem),
@@ -148,13 +147,10 @@ impl Store {
                 .do_nothing()
                 .to_owned(),
         )
-        .exec_without_returning(&txn)
+        .exec_without_returning(&*txn)
         .await?;
-        if inserted == 1 {
-            self.append_audit_in(&txn, audit).await?;
-        }
-        txn.commit().await?;
-        self.count_write();
+        let audit = (inserted == 1).then_some(audit);
+        txn.commit(audit).await?;
         self.load_ca()
             .await?
             .ok_or_else(|| DbError::NotFound("certificate authority".into()))
@@ -172,8 +168,7 @@ impl Store {
         cred: AdminCredentialRecord,
         audit: NewAuditEvent,
     ) -> Result<(), DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         admin_credential::ActiveModel {
             id: Set(cred.id),
             name: Set(cred.name),
@@ -181,11 +176,9 @@ impl Store {
             role: Set(cred.role),
             created_at: Set(cred.created_at),
         }
-        .insert(&txn)
+        .insert(&*txn)
         .await?;
-        self.append_audit_in(&txn, audit).await?;
-        txn.commit().await?;
-        self.count_write();
+        txn.commit(Some(audit)).await?;
         Ok(())
     }
 
@@ -212,8 +205,7 @@ impl Store {
         token: EnrollmentTokenRecord,
         audit: NewAuditEvent,
     ) -> Result<(), DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         enrollment_token::ActiveModel {
             id: Set(token.id),
             secret_hash: Set(token.secret_hash),
@@ -225,11 +217,9 @@ impl Store {
             used_by_node_id: Set(token.used_by_node_id),
             revoked_at: Set(token.revoked_at),
         }
-        .insert(&txn)
+        .insert(&*txn)
         .await?;
-        self.append_audit_in(&txn, audit).await?;
-        txn.commit().await?;
-        self.count_write();
+        txn.commit(Some(audit)).await?;
         Ok(())
     }
 
@@ -261,24 +251,20 @@ impl Store {
         now: UnixSeconds,
         audit: NewAuditEvent,
     ) -> Result<EnrollmentTokenRecord, DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         let changed = enrollment_token::Entity::update_many()
             .col_expr(enrollment_token::Column::RevokedAt, Expr::value(now))
             .filter(enrollment_token::Column::Id.eq(id))
             .filter(enrollment_token::Column::RevokedAt.is_null())
-            .exec(&txn)
+            .exec(&*txn)
             .await?
             .rows_affected;
         let token = enrollment_token::Entity::find_by_id(id)
-            .one(&txn)
+            .one(&*txn)
             .await?
             .ok_or_else(|| DbError::NotFound(format!("enrollment token {id}")))?;
-        if changed == 1 {
-            self.append_audit_in(&txn, audit).await?;
-        }
-        txn.commit().await?;
-        self.count_write();
+        let audit = (changed == 1).then_some(audit);
+        txn.commit(audit).await?;
         Ok(token_record(token))
     }
 
@@ -292,10 +278,9 @@ impl Store {
         new: NewNode,
         audit: NewAuditEvent,
     ) -> Result<Result<NodeRecord, TokenRejection>, DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         let Some(token) = enrollment_token::Entity::find_by_id(token_id)
-            .one(&txn)
+            .one(&*txn)
             .await?
         else {
             return Ok(Err(TokenRejection::Unknown));
@@ -320,7 +305,7 @@ impl Store {
             )
             .filter(enrollment_token::Column::Id.eq(token_id))
             .filter(enrollment_token::Column::UsedAt.is_null())
-            .exec(&txn)
+            .exec(&*txn)
             .await?
             .rows_affected;
         if claimed != 1 {
@@ -343,13 +328,11 @@ impl Store {
             certificate_serial: Set(new.certificate_serial),
             certificate_not_after: Set(new.certificate_not_after),
         }
-        .insert(&txn)
+        .insert(&*txn)
         .await?;
         let mut audit = audit;
         audit.target = model.id.clone();
-        self.append_audit_in(&txn, audit).await?;
-        txn.commit().await?;
-        self.count_write();
+        txn.commit(Some(audit)).await?;
         node_record(model).map(Ok)
     }
 
@@ -513,10 +496,9 @@ impl Store {
         draining: bool,
         audit: NewAuditEvent,
     ) -> Result<NodeRecord, DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         let current = node::Entity::find_by_id(id)
-            .one(&txn)
+            .one(&*txn)
             .await?
             .ok_or_else(|| DbError::NotFound(format!("node {id}")))?;
         if current.cordoned == cordoned && current.draining == draining {
@@ -528,10 +510,8 @@ impl Store {
         model.cordoned = Set(cordoned);
         model.draining = Set(draining);
         model.desired_generation = Set(desired_generation);
-        let updated = model.update(&txn).await?;
-        self.append_audit_in(&txn, audit).await?;
-        txn.commit().await?;
-        self.count_write();
+        let updated = model.update(&*txn).await?;
+        txn.commit(Some(audit)).await?;
         node_record(updated)
     }
 
@@ -542,17 +522,14 @@ impl Store {
         not_after: UnixSeconds,
         audit: NewAuditEvent,
     ) -> Result<(), DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        let txn = self.begin_audited().await?;
         node::Entity::update_many()
             .col_expr(node::Column::CertificateSerial, Expr::value(serial))
             .col_expr(node::Column::CertificateNotAfter, Expr::value(not_after))
             .filter(node::Column::Id.eq(id))
-            .exec(&txn)
+            .exec(&*txn)
             .await?;
-        self.append_audit_in(&txn, audit).await?;
-        txn.commit().await?;
-        self.count_write();
+        txn.commit(Some(audit)).await?;
         Ok(())
     }
 
@@ -561,12 +538,10 @@ impl Store {
     /// Appends one event on its own (for outcomes that change no other state, such as a
     /// refused enrollment).
     pub async fn append_audit(&self, event: NewAuditEvent) -> Result<AuditRecord, DbError> {
-        let _chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
-        let record = self.append_audit_in(&txn, event).await?;
-        txn.commit().await?;
-        self.count_write();
-        Ok(record)
+        let txn = self.begin_audited().await?;
+        txn.commit(Some(event))
+            .await?
+            .ok_or_else(|| DbError::NotFound("the appended audit event".into()))
     }
 
     /// Every audit event in order.
@@ -580,8 +555,19 @@ impl Store {
             .collect())
     }
 
+    /// Starts a transaction that may append to the audit log; see [`AuditedTxn`].
+    pub(crate) async fn begin_audited(&self) -> Result<AuditedTxn<'_>, DbError> {
+        let chain = self.audit_lock.lock().await;
+        let txn = self.db.begin().await?;
+        Ok(AuditedTxn {
+            txn,
+            _chain: chain,
+            store: self,
+        })
+    }
+
     /// Callers hold `audit_lock` for the whole transaction.
-    pub(crate) async fn append_audit_in(
+    async fn append_audit_in(
         &self,
         txn: &DatabaseTransaction,
         event: NewAuditEvent,
@@ -627,6 +613,38 @@ impl Store {
     pub async fn execute_unprepared(&self, sql: &str) -> Result<(), DbError> {
         self.db.execute_unprepared(sql).await?;
         Ok(())
+    }
+}
+
+/// A write transaction holding the audit lock from its start to its commit, so the state it
+/// changes and the audit event describing it land together and the chain stays linear.
+pub(crate) struct AuditedTxn<'a> {
+    txn: DatabaseTransaction,
+    _chain: tokio::sync::MutexGuard<'a, ()>,
+    store: &'a Store,
+}
+
+impl std::ops::Deref for AuditedTxn<'_> {
+    type Target = DatabaseTransaction;
+
+    fn deref(&self) -> &DatabaseTransaction {
+        &self.txn
+    }
+}
+
+impl AuditedTxn<'_> {
+    /// Appends `event` (if any) and commits. Dropping instead rolls everything back.
+    pub(crate) async fn commit(
+        self,
+        event: Option<NewAuditEvent>,
+    ) -> Result<Option<AuditRecord>, DbError> {
+        let record = match event {
+            Some(event) => Some(self.store.append_audit_in(&self.txn, event).await?),
+            None => None,
+        };
+        self.txn.commit().await?;
+        self.store.count_write();
+        Ok(record)
     }
 }
 
