@@ -3,7 +3,6 @@
 //! the real binaries.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use steward_control_plane::{Config, ControlPlane, Listeners};
@@ -129,20 +128,6 @@ impl TestControlPlane {
 
     pub fn store(&self) -> &Store {
         &self.cp().fleet().store
-    }
-
-    /// Stops and starts the control plane on the same database and data dir, on new ports.
-    pub async fn restart(&mut self) {
-        if let Some(cp) = self.control_plane.take() {
-            cp.stop().await;
-        }
-        let cp = ControlPlane::start(self.config.clone(), listeners().await)
-            .await
-            .expect("control plane restarts");
-        assert!(cp.bootstrap_admin_credential.is_none());
-        self.endpoint = cp.grpc_endpoint();
-        self.http = format!("http://{}", cp.http_addr);
-        self.control_plane = Some(cp);
     }
 
     /// Stops and starts on the *same* ports, so running agents can find it again.
@@ -436,6 +421,16 @@ impl TestAgent {
         }
     }
 
+    /// Enrolls a fresh agent with a new token and waits until its node is ready.
+    pub async fn start_ready(endpoint: &str, admin: &Admin, data_dir: &Path) -> (Self, String) {
+        let agent = Self::start(endpoint, data_dir, Some(admin.token(600).await));
+        let node_id = agent.node_id().await;
+        admin
+            .wait_for_state(&node_id, NodeState::Ready, Duration::from_secs(10))
+            .await;
+        (agent, node_id)
+    }
+
     /// The node ID once enrollment has stored it.
     pub async fn node_id(&self) -> String {
         let store = steward_node_agent::identity::FileIdentityStore::new(&self.data_dir);
@@ -480,9 +475,6 @@ pub fn binary(name: &str) -> PathBuf {
     );
     path
 }
-
-/// Shared across a test's agents.
-pub type Shared<T> = Arc<T>;
 
 /// Installs a log subscriber for the test (quiet unless `RUST_LOG` is set).
 pub fn init_logging() {

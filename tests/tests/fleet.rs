@@ -28,11 +28,7 @@ async fn agent_enrolls_and_its_node_becomes_ready_with_its_inventory(backend: Ba
     let cp = TestControlPlane::start(&db).await;
     let admin = cp.admin().await;
     let dir = tempfile::tempdir().unwrap();
-    let agent = TestAgent::start(&cp.endpoint, dir.path(), Some(admin.token(600).await));
-    let node_id = agent.node_id().await;
-    admin
-        .wait_for_state(&node_id, NodeState::Ready, Duration::from_secs(10))
-        .await;
+    let (agent, node_id) = TestAgent::start_ready(&cp.endpoint, &admin, dir.path()).await;
 
     let node = admin.node("test-node").await;
     assert_eq!(node.id, node_id, "nodes can be found by name");
@@ -156,11 +152,7 @@ async fn node_goes_unavailable_when_its_agent_stops_and_returns_with_the_same_id
     let cp = TestControlPlane::start(&db).await;
     let admin = cp.admin().await;
     let dir = tempfile::tempdir().unwrap();
-    let agent = TestAgent::start(&cp.endpoint, dir.path(), Some(admin.token(600).await));
-    let node_id = agent.node_id().await;
-    admin
-        .wait_for_state(&node_id, NodeState::Ready, Duration::from_secs(10))
-        .await;
+    let (agent, node_id) = TestAgent::start_ready(&cp.endpoint, &admin, dir.path()).await;
     agent.stop().await.unwrap();
     admin
         .wait_for_state(&node_id, NodeState::Unavailable, Duration::from_secs(30))
@@ -232,11 +224,7 @@ async fn drain_reaches_the_agent_as_a_new_generation_it_persists_and_acks(backen
     let cp = TestControlPlane::start(&db).await;
     let admin = cp.admin().await;
     let dir = tempfile::tempdir().unwrap();
-    let agent = TestAgent::start(&cp.endpoint, dir.path(), Some(admin.token(600).await));
-    let node_id = agent.node_id().await;
-    admin
-        .wait_for_state(&node_id, NodeState::Ready, Duration::from_secs(10))
-        .await;
+    let (agent, node_id) = TestAgent::start_ready(&cp.endpoint, &admin, dir.path()).await;
     let before = admin.node(&node_id).await;
 
     let drained = admin
@@ -384,11 +372,7 @@ async fn agents_reconnect_after_a_control_plane_restart(backend: Backend) {
     let mut cp = TestControlPlane::start(&db).await;
     let admin = cp.admin().await;
     let dir = tempfile::tempdir().unwrap();
-    let agent = TestAgent::start(&cp.endpoint, dir.path(), Some(admin.token(600).await));
-    let node_id = agent.node_id().await;
-    admin
-        .wait_for_state(&node_id, NodeState::Ready, Duration::from_secs(10))
-        .await;
+    let (agent, node_id) = TestAgent::start_ready(&cp.endpoint, &admin, dir.path()).await;
     let ca_before = cp.ca_pem.clone();
     cp.restart_in_place().await;
     assert_eq!(

@@ -6,9 +6,9 @@ use std::time::Duration;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
-    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database,
-    DatabaseConnection, DatabaseTransaction, DbBackend, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, TransactionTrait,
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, ConnectOptions, Database, DatabaseConnection,
+    DatabaseTransaction, DbBackend, DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    TransactionTrait,
 };
 use steward_migrations::{Migrator, MigratorTrait};
 
@@ -606,13 +606,6 @@ impl Store {
         .insert(txn)
         .await?;
         Ok(record)
-    }
-
-    /// Runs raw SQL; for schema checks in tests only.
-    #[doc(hidden)]
-    pub async fn execute_unprepared(&self, sql: &str) -> Result<(), DbError> {
-        self.db.execute_unprepared(sql).await?;
-        Ok(())
     }
 }
 
