@@ -239,12 +239,12 @@ impl ControlPlane {
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.fleet.sessions.cancel_all();
+        // One grace period for everything: idle client connections (an admin's open channel)
+        // can hold gRPC's graceful shutdown, and a restart should not wait on each in turn.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         for task in self.tasks {
             let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), task)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, task).await.is_err() {
                 abort.abort();
             }
         }
