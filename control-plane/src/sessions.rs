@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use steward_proto::agent::v1::{ControlMessage, DesiredState, control_message};
+use steward_proto::agent::v1::{ControlMessage, DesiredState, ModelStatus, control_message};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -25,11 +25,20 @@ pub struct SessionHandle {
     pub cancel: CancellationToken,
     /// Unix milliseconds of the last message from the agent.
     pub last_seen_ms: Arc<AtomicI64>,
+    /// The models and their serving stats from the agent's last heartbeat.
+    pub models: Arc<Mutex<Vec<ModelStatus>>>,
 }
 
 impl SessionHandle {
     pub fn touch(&self) {
         self.last_seen_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn set_models(&self, models: Vec<ModelStatus>) {
+        let mut current = self.models.lock().unwrap_or_else(|e| e.into_inner());
+        if *current != models {
+            *current = models;
+        }
     }
 }
 
@@ -48,6 +57,7 @@ impl SessionRegistry {
             outbound,
             cancel: CancellationToken::new(),
             last_seen_ms: Arc::new(AtomicI64::new(now_ms())),
+            models: Arc::default(),
         };
         let previous = self.lock().insert(node_id.to_owned(), handle.clone());
         if let Some(previous) = previous {
@@ -122,6 +132,13 @@ impl SessionRegistry {
     }
 
     /// Unix seconds of the last message from a connected node.
+    /// The models a connected node reported last; empty when it is not connected.
+    pub fn models(&self, node_id: &str) -> Vec<ModelStatus> {
+        self.get(node_id)
+            .map(|h| h.models.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .unwrap_or_default()
+    }
+
     pub fn last_seen_unix(&self, node_id: &str) -> Option<i64> {
         self.get(node_id)
             .map(|h| h.last_seen_ms.load(Ordering::Relaxed) / 1000)

@@ -8,7 +8,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::identity::{FileIdentityStore, IdentityError, IdentityStore, enroll};
 use crate::inventory::HostProbe;
+use crate::inventory::InventoryProbe;
 use crate::reconciler::Reconciler;
+use crate::serving::{ModelReporter, NoModels, Serving, ServingConfig, ServingError};
 use crate::session::{SessionConfig, SessionParts, SessionStats, maintain};
 use crate::state::{FileStateStore, StateError};
 
@@ -23,6 +25,9 @@ pub struct AgentConfig {
     pub name: Option<String>,
     pub heartbeat_interval: Duration,
     pub inventory_interval: Duration,
+    /// Models to load at start and the API serving them; none for an agent without
+    /// inference.
+    pub serving: Option<ServingConfig>,
 }
 
 impl AgentConfig {
@@ -34,6 +39,7 @@ impl AgentConfig {
             name: None,
             heartbeat_interval: Duration::from_secs(5),
             inventory_interval: Duration::from_secs(60),
+            serving: None,
         }
     }
 }
@@ -52,6 +58,8 @@ pub enum AgentError {
     Identity(#[from] IdentityError),
     #[error("cannot load the last applied desired state")]
     State(#[from] StateError),
+    #[error("cannot start inference")]
+    Serving(#[from] ServingError),
 }
 
 /// Runs the agent until `shutdown` fires.
@@ -86,16 +94,32 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let reconciler = Arc::new(Reconciler::new(Arc::new(FileStateStore::new(
         &config.data_dir,
     )))?);
+    let probe = Arc::new(HostProbe::new(&config.data_dir));
+    let serving = match config.serving.clone() {
+        Some(serving) => {
+            let inventory = probe.inventory().await;
+            Some(Serving::start(serving, &config.data_dir, &inventory, shutdown.clone()).await?)
+        }
+        None => None,
+    };
+    let models: Arc<dyn ModelReporter> = match &serving {
+        Some(s) => s.clone(),
+        None => Arc::new(NoModels),
+    };
     let parts = SessionParts {
         identity: identity_store,
-        probe: Arc::new(HostProbe::new(&config.data_dir)),
+        probe,
         reconciler,
         stats: Arc::new(SessionStats::default()),
+        models,
     };
     let mut session = SessionConfig::new(&config.control_plane);
     session.heartbeat_interval = config.heartbeat_interval;
     session.inventory_interval = config.inventory_interval;
     maintain(session, parts, shutdown).await;
+    if let Some(serving) = serving {
+        serving.unload_all().await;
+    }
     Ok(())
 }
 

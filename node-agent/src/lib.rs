@@ -5,6 +5,7 @@
 //! - [`identity`]: enrollment (CA pinned by hash), the node's key and certificate, renewal.
 //! - [`session`]: the one long-lived session: hello, heartbeats, inventory, desired state.
 //! - [`reconciler`]: applies desired state idempotently and persists it ([`state`]).
+//! - [`serving`]: the inference engine's models, the OpenAI-compatible API, model status.
 //! - [`inventory`]: GPU/CPU/memory/disk probes, real and synthetic.
 //! - [`simulate`]: many agents in one process with synthetic hardware and the real session
 //!   code, for scale tests and benchmarks.
@@ -14,6 +15,7 @@ pub mod backoff;
 pub mod identity;
 pub mod inventory;
 pub mod reconciler;
+pub mod serving;
 pub mod session;
 pub mod simulate;
 pub mod state;

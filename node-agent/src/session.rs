@@ -69,6 +69,8 @@ pub struct SessionParts {
     pub probe: Arc<dyn InventoryProbe>,
     pub reconciler: Arc<Reconciler>,
     pub stats: Arc<SessionStats>,
+    /// The models reported with every heartbeat.
+    pub models: Arc<dyn crate::serving::ModelReporter>,
 }
 
 /// Counters shared by one or many agents (the simulator shares one across all).
@@ -244,6 +246,7 @@ async fn session_loop(
                 send(agent_message::Body::Heartbeat(Heartbeat {
                     seq,
                     last_rtt_micros: last_rtt.as_micros() as u64,
+                    models: parts.models.model_statuses(),
                 })).await?;
             }
             _ = inventory_tick.tick() => {

@@ -112,6 +112,7 @@ impl Simulation {
                 probe: Arc::new(SyntheticProbe::new(index as u64)),
                 reconciler: Arc::new(reconciler),
                 stats: stats.clone(),
+                models: Arc::new(crate::serving::NoModels),
             };
             let mut session = SessionConfig::new(&config.endpoint);
             session.heartbeat_interval = config.heartbeat_interval;

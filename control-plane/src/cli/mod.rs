@@ -1,7 +1,7 @@
 //! The `steward` admin CLI: argument parsing, the authenticated client, and rendering.
 
 mod models;
-mod render;
+pub mod render;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -5,7 +5,7 @@ use comfy_table::{Cell, Table};
 use steward_proto::admin::v1::{
     CreateEnrollmentTokenResponse, EnrollmentToken, EnrollmentTokenState, Node, NodeState,
 };
-use steward_proto::agent::v1::{GpuVendor, Inventory};
+use steward_proto::agent::v1::{GpuVendor, Inventory, ModelState, ModelStatus};
 
 fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
@@ -18,6 +18,11 @@ fn table(header: &[&str]) -> Table {
 pub fn node_json(node: &Node) -> serde_json::Value {
     let mut value = serde_json::to_value(node).unwrap_or_default();
     value["state"] = node_state(node).to_ascii_lowercase().into();
+    if let Some(models) = value.get_mut("models").and_then(|m| m.as_array_mut()) {
+        for (json, status) in models.iter_mut().zip(&node.models) {
+            json["state"] = model_state(status).into();
+        }
+    }
     if let Some(gpus) = value
         .get_mut("inventory")
         .and_then(|i| i.get_mut("gpus"))
@@ -263,7 +268,65 @@ pub fn node_detail(node: &Node, now: i64) -> String {
         out.push_str(&t.to_string());
         out.push('\n');
     }
+    if !node.models.is_empty() {
+        out.push_str("\nModels:\n");
+        out.push_str(&node_models_table(&node.models));
+        out.push('\n');
+    }
     out
+}
+
+pub fn model_state(status: &ModelStatus) -> &'static str {
+    match ModelState::try_from(status.state).unwrap_or(ModelState::Unspecified) {
+        ModelState::Loading => "loading",
+        ModelState::Ready => "ready",
+        ModelState::Failed => "failed",
+        ModelState::Unspecified => "unknown",
+    }
+}
+
+/// Serving state and throughput per model, as the agent last reported it.
+pub fn node_models_table(models: &[ModelStatus]) -> String {
+    let mut t = table(&[
+        "MODEL",
+        "STATE",
+        "SLOTS",
+        "QUEUE",
+        "GEN TOK/S",
+        "PROMPT TOK/S",
+        "TTFT P50/P95",
+        "TPOT P50/P95",
+        "REQUESTS",
+        "TOKENS IN/OUT",
+    ]);
+    let ms = |s: f64| format!("{:.0} ms", s * 1000.0);
+    for m in models {
+        let st = m.stats.unwrap_or_default();
+        let state = if m.detail.is_empty() {
+            model_state(m).to_string()
+        } else {
+            format!("{}: {}", model_state(m), m.detail)
+        };
+        t.add_row(vec![
+            m.name.clone(),
+            state,
+            format!("{}/{} busy", st.busy_slots, st.slots),
+            st.queue_depth.to_string(),
+            format!("{:.1}", st.generation_tokens_per_second),
+            format!("{:.1}", st.prompt_tokens_per_second),
+            format!("{} / {}", ms(st.ttft_p50_seconds), ms(st.ttft_p95_seconds)),
+            format!("{} / {}", ms(st.tpot_p50_seconds), ms(st.tpot_p95_seconds)),
+            format!(
+                "{} ok, {} cancelled, {} refused, {} failed",
+                st.requests_completed,
+                st.requests_cancelled,
+                st.requests_rejected,
+                st.requests_failed
+            ),
+            format!("{} / {}", st.prompt_tokens, st.generated_tokens),
+        ]);
+    }
+    t.to_string()
 }
 
 pub fn created_token(created: &CreateEnrollmentTokenResponse) -> String {

@@ -197,6 +197,7 @@ async fn session_loop(
                 };
                 // A full queue means the agent is not reading; dropping an ack is harmless.
                 let _ = session.outbound.try_send(Ok(ack));
+                session.set_models(hb.models);
                 fleet
                     .metrics
                     .heartbeat_handling

@@ -11,6 +11,7 @@ pub fn node(record: NodeRecord, sessions: &SessionRegistry) -> admin::Node {
     let last_heartbeat = sessions.last_seen_unix(&record.id);
     admin::Node {
         connected: last_heartbeat.is_some(),
+        models: sessions.models(&record.id),
         last_heartbeat_unix: last_heartbeat.unwrap_or(0),
         state: match record.state {
             NodeState::Ready => admin::NodeState::Ready,

@@ -1,12 +1,16 @@
 //! `steward-node-agent`: parses flags, installs telemetry, and runs the agent (or, with
 //! `simulate`, many simulated agents).
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use steward_engine::{GpuLayers, ModelConfig};
 use steward_node_agent::agent::{AgentConfig, run};
+use steward_node_agent::inventory::{HostProbe, InventoryProbe};
+use steward_node_agent::serving::{Serving, ServingConfig};
 use steward_node_agent::simulate::{Simulation, SimulationConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -51,12 +55,91 @@ struct AgentArgs {
     /// Export traces over OTLP/gRPC to this endpoint.
     #[arg(long, env = "STEWARD_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
+    #[command(flatten)]
+    inference: InferenceArgs,
+}
+
+/// The model this node serves from its local configuration, and the API in front of it.
+#[derive(Clone, Debug, Args)]
+struct InferenceArgs {
+    /// A GGUF model to load and serve over the OpenAI-compatible API.
+    #[arg(long, env = "STEWARD_MODEL")]
+    model: Option<PathBuf>,
+    /// The name clients use for the model (default: the file name without `.gguf`).
+    #[arg(long, env = "STEWARD_MODEL_NAME")]
+    model_name: Option<String>,
+    /// Requests generated at once (continuous batching).
+    #[arg(long, default_value_t = 4)]
+    slots: u32,
+    /// Context tokens per request (prompt and completion).
+    #[arg(long, default_value_t = 4096)]
+    ctx: u32,
+    /// CPU threads for inference (default: every core).
+    #[arg(long)]
+    threads: Option<u32>,
+    /// Layers to offload to the GPU: `auto` (as many as fit the free VRAM) or a number.
+    #[arg(long, default_value = "auto")]
+    gpu_layers: GpuLayers,
+    /// A llama.cpp built-in chat template name (chatml, gemma, llama3, ...) or template
+    /// text, instead of the one in the GGUF.
+    #[arg(long)]
+    chat_template: Option<String>,
+    /// Where the OpenAI-compatible API and /metrics listen.
+    #[arg(long, env = "STEWARD_API_LISTEN", default_value = "127.0.0.1:8080")]
+    api_listen: SocketAddr,
+    /// API keys clients must present (comma-separated in the environment). Without one,
+    /// a key is generated into <data dir>/api-key.
+    #[arg(
+        long = "api-key",
+        env = "STEWARD_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    api_keys: Vec<String>,
+}
+
+impl InferenceArgs {
+    fn serving(&self) -> Option<ServingConfig> {
+        let path = self.model.clone()?;
+        let name = self.model_name.clone().unwrap_or_else(|| {
+            path.file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
+        });
+        let model = ModelConfig {
+            slots: self.slots,
+            context_per_slot: self.ctx,
+            threads: self.threads,
+            gpu_layers: self.gpu_layers,
+            chat_template: self.chat_template.clone(),
+            ..ModelConfig::new(name, path)
+        };
+        Some(ServingConfig {
+            listen: self.api_listen,
+            api_keys: self.api_keys.clone(),
+            models: vec![model],
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run N simulated agents (synthetic hardware, real session code) in this process.
     Simulate(SimulateArgs),
+    /// Serve a local model over the OpenAI-compatible API without a control plane.
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Where a generated API key is kept.
+    #[arg(
+        long,
+        env = "STEWARD_AGENT_DATA_DIR",
+        default_value = "steward-agent-data"
+    )]
+    data_dir: PathBuf,
+    #[command(flatten)]
+    inference: InferenceArgs,
 }
 
 #[derive(Debug, Args)]
@@ -104,12 +187,14 @@ async fn main() -> std::process::ExitCode {
     });
     let result = match cli.command {
         Some(Command::Simulate(args)) => simulate(args, shutdown).await,
+        Some(Command::Serve(args)) => serve(args, shutdown).await,
         None => {
             let a = cli.agent;
             let mut config = AgentConfig::new(a.control_plane, a.data_dir);
             config.enrollment_token = a.token;
             config.name = a.name;
             config.heartbeat_interval = a.heartbeat_interval;
+            config.serving = a.inference.serving();
             run(config, shutdown).await.map_err(anyhow::Error::from)
         }
     };
@@ -121,6 +206,23 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = args
+        .inference
+        .serving()
+        .context("`serve` needs a model: pass --model PATH")?;
+    let inventory = HostProbe::new(&args.data_dir).inventory().await;
+    let serving = Serving::start(config, &args.data_dir, &inventory, shutdown.clone()).await?;
+    serving.wait_until_loaded().await?;
+    println!(
+        "serving the OpenAI API at http://{}/v1",
+        serving.local_addr()
+    );
+    shutdown.cancelled().await;
+    serving.unload_all().await;
+    Ok(())
 }
 
 async fn simulate(args: SimulateArgs, shutdown: CancellationToken) -> anyhow::Result<()> {

@@ -1,0 +1,283 @@
+//! Inference on the node: loads the configured models into the engine, serves the
+//! OpenAI-compatible API and `/metrics`, and reports each model's state and throughput for
+//! the session's heartbeats.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::registry::Registry;
+use steward_engine::api::{ApiKeys, ApiState, ModelSet};
+use steward_engine::metrics::{EngineMetrics, ModelStatsSnapshot};
+use steward_engine::{ModelConfig, ModelHandle};
+use steward_proto::agent::v1::{Inventory, ModelServingStats, ModelState, ModelStatus};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug)]
+pub struct ServingConfig {
+    /// Where the OpenAI-compatible API and `/metrics` listen.
+    pub listen: SocketAddr,
+    /// Keys clients present as `Authorization: Bearer <key>`. When empty, one is generated
+    /// and kept in `<data dir>/api-key`.
+    pub api_keys: Vec<String>,
+    pub models: Vec<ModelConfig>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServingError {
+    #[error("cannot listen on {addr} for the inference API")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot keep the generated API key at {path}")]
+    ApiKeyFile {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    ApiKeys(String),
+    #[error("model `{name}` could not be loaded: {reason}")]
+    Load { name: String, reason: String },
+}
+
+/// Reports the models an agent holds, for heartbeats.
+pub trait ModelReporter: Send + Sync + std::fmt::Debug {
+    fn model_statuses(&self) -> Vec<ModelStatus>;
+}
+
+/// An agent without inference (the simulator).
+#[derive(Debug, Default)]
+pub struct NoModels;
+
+impl ModelReporter for NoModels {
+    fn model_statuses(&self) -> Vec<ModelStatus> {
+        Vec::new()
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Slot {
+    Loading,
+    Ready(ModelHandle),
+    Failed(String),
+}
+
+/// The serving side of an agent: the engine's models and the API in front of them.
+#[derive(Debug)]
+pub struct Serving {
+    models: ModelSet,
+    states: Mutex<Vec<(String, Slot)>>,
+    metrics: EngineMetrics,
+    local_addr: SocketAddr,
+}
+
+impl Serving {
+    /// Binds the API, then loads the models in the background (each is `loading` until it
+    /// is ready or failed). The API runs until `shutdown` fires.
+    pub async fn start(
+        config: ServingConfig,
+        data_dir: &Path,
+        inventory: &Inventory,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, ServingError> {
+        let keys = if config.api_keys.is_empty() {
+            vec![generated_api_key(data_dir)?]
+        } else {
+            config.api_keys.clone()
+        };
+        let keys = ApiKeys::new(keys).map_err(ServingError::ApiKeys)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServingError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| ServingError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let mut registry = Registry::with_prefix("steward");
+        let metrics = EngineMetrics::register(&mut registry);
+        let serving = Arc::new(Self {
+            models: ModelSet::default(),
+            states: Mutex::new(
+                config
+                    .models
+                    .iter()
+                    .map(|m| (m.name.clone(), Slot::Loading))
+                    .collect(),
+            ),
+            metrics,
+            local_addr,
+        });
+        let state = ApiState {
+            models: serving.models.clone(),
+            keys,
+            registry: Arc::new(registry),
+        };
+        tokio::spawn(async move {
+            if let Err(e) =
+                steward_engine::api::serve(listener, state, shutdown.cancelled_owned()).await
+            {
+                tracing::error!(error = %e, "the inference API stopped");
+            }
+        });
+        tracing::info!(%local_addr, "inference API listening");
+        let free_vram = free_vram_bytes(inventory);
+        for mut model in config.models {
+            model.free_vram_bytes = model.free_vram_bytes.or(free_vram);
+            let serving = serving.clone();
+            tokio::spawn(async move { serving.load(model).await });
+        }
+        Ok(serving)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    async fn load(&self, config: ModelConfig) {
+        let name = config.name.clone();
+        let metrics = self.metrics.clone();
+        let result = tokio::task::spawn_blocking(move || ModelHandle::load(config, &metrics)).await;
+        let slot = match result {
+            Ok(Ok(handle)) => {
+                self.models.insert(handle.clone());
+                Slot::Ready(handle)
+            }
+            Ok(Err(e)) => {
+                let reason = steward_telemetry::chain(&e).to_string();
+                tracing::error!(model = %name, error = %reason, "model failed to load");
+                Slot::Failed(reason)
+            }
+            Err(e) => Slot::Failed(format!("the loading task failed: {e}")),
+        };
+        let mut states = self.states.lock().expect("serving state poisoned");
+        if let Some(entry) = states.iter_mut().find(|(n, _)| *n == name) {
+            entry.1 = slot;
+        }
+    }
+
+    /// Waits until no model is loading; returns the first failure, if any.
+    pub async fn wait_until_loaded(&self) -> Result<(), ServingError> {
+        loop {
+            {
+                let states = self.states.lock().expect("serving state poisoned");
+                if let Some((name, Slot::Failed(reason))) =
+                    states.iter().find(|(_, s)| matches!(s, Slot::Failed(_)))
+                {
+                    return Err(ServingError::Load {
+                        name: name.clone(),
+                        reason: reason.clone(),
+                    });
+                }
+                if !states.iter().any(|(_, s)| matches!(s, Slot::Loading)) {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Unloads every model (memory returns to the system).
+    pub async fn unload_all(&self) {
+        for model in self.models.all() {
+            self.models.remove(model.name());
+            let _ = tokio::task::spawn_blocking(move || model.unload()).await;
+        }
+    }
+}
+
+impl ModelReporter for Serving {
+    fn model_statuses(&self) -> Vec<ModelStatus> {
+        let states = self.states.lock().expect("serving state poisoned").clone();
+        states
+            .into_iter()
+            .map(|(name, slot)| {
+                let (state, detail, stats) = match slot {
+                    Slot::Loading => (ModelState::Loading, String::new(), None),
+                    Slot::Ready(h) => (
+                        ModelState::Ready,
+                        String::new(),
+                        Some(stats_proto(&h.stats())),
+                    ),
+                    Slot::Failed(reason) => (ModelState::Failed, reason, None),
+                };
+                ModelStatus {
+                    name,
+                    digest: String::new(),
+                    state: state as i32,
+                    detail,
+                    stats,
+                }
+            })
+            .collect()
+    }
+}
+
+fn stats_proto(s: &ModelStatsSnapshot) -> ModelServingStats {
+    ModelServingStats {
+        requests_completed: s.requests_completed,
+        requests_cancelled: s.requests_cancelled,
+        requests_rejected: s.requests_rejected,
+        requests_failed: s.requests_failed,
+        prompt_tokens: s.prompt_tokens,
+        generated_tokens: s.generated_tokens,
+        generation_tokens_per_second: s.generation_tokens_per_second,
+        prompt_tokens_per_second: s.prompt_tokens_per_second,
+        ttft_p50_seconds: s.ttft_p50_seconds,
+        ttft_p95_seconds: s.ttft_p95_seconds,
+        tpot_p50_seconds: s.tpot_p50_seconds,
+        tpot_p95_seconds: s.tpot_p95_seconds,
+        queue_depth: s.queue_depth,
+        busy_slots: s.busy_slots,
+        slots: s.slots,
+    }
+}
+
+/// Free memory of the GPU with the most of it, when the inventory found one.
+fn free_vram_bytes(inventory: &Inventory) -> Option<u64> {
+    inventory
+        .gpus
+        .iter()
+        .map(|g| g.memory_total_bytes.saturating_sub(g.memory_used_bytes))
+        .max()
+}
+
+/// The key in `<data dir>/api-key`, created (random, 0600) on first use.
+fn generated_api_key(data_dir: &Path) -> Result<String, ServingError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join("api-key");
+    let err = |source| ServingError::ApiKeyFile {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(key) if !key.trim().is_empty() => return Ok(key.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    std::fs::create_dir_all(data_dir).map_err(err)?;
+    let key = format!("sk-steward-{}", hex::encode(rand::random::<[u8; 24]>()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(err)?;
+    file.write_all(key.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(err)?;
+    tracing::info!(path = %path.display(), "generated an API key for the inference API");
+    Ok(key)
+}
