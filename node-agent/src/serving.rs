@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use prometheus_client::registry::Registry;
@@ -117,10 +118,12 @@ impl Serving {
             metrics,
             local_addr,
         });
+        let loading = Arc::new(AtomicUsize::new(config.models.len()));
         let state = ApiState {
             models: serving.models.clone(),
             keys,
             registry: Arc::new(registry),
+            loading: loading.clone(),
         };
         tokio::spawn(async move {
             if let Err(e) =
@@ -134,7 +137,11 @@ impl Serving {
         for mut model in config.models {
             model.free_vram_bytes = model.free_vram_bytes.or(free_vram);
             let serving = serving.clone();
-            tokio::spawn(async move { serving.load(model).await });
+            let loading = loading.clone();
+            tokio::spawn(async move {
+                serving.load(model).await;
+                loading.fetch_sub(1, Ordering::Relaxed);
+            });
         }
         Ok(serving)
     }

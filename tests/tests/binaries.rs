@@ -456,3 +456,194 @@ async fn the_real_gemma_model_signed_with_model_signing_is_pushed_and_verified()
     let shown = String::from_utf8(cp.cli(&["model", "show", "gemma3-270m@q4_k_m"]).stdout).unwrap();
     assert!(shown.contains("Architecture:         gemma3"), "{shown}");
 }
+
+/// Waits until `url` answers 200 (a server that is still loading does not listen yet or
+/// answers otherwise).
+async fn wait_until_ok(url: &str, within: Duration) {
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = reqwest::get(url).await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(
+            started.elapsed() < within,
+            "{url} did not answer within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_serving_a_model_answers_openai_requests_and_nodes_show_its_throughput() {
+    let cp = start_control_plane();
+    let token = cp.cli_json(&["token", "create", "--ttl", "10m"]);
+    let token = token["token"].as_str().unwrap().to_owned();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    steward_engine::tiny_model::TinyModel::default()
+        .write_to(&model)
+        .unwrap();
+    let api = format!("127.0.0.1:{}", free_port());
+    let agent_dir = dir.path().join("agent");
+    let _agent = Running {
+        child: Command::new(binary("steward-node-agent"))
+            .args([
+                "--control-plane",
+                &cp.grpc,
+                "--token",
+                &token,
+                "--name",
+                "e2e-node",
+            ])
+            .args([
+                "--data-dir",
+                agent_dir.to_str().unwrap(),
+                "--heartbeat-interval",
+                "1s",
+            ])
+            .args(["--model", model.to_str().unwrap(), "--model-name", "tiny"])
+            .args([
+                "--slots",
+                "2",
+                "--ctx",
+                "512",
+                "--threads",
+                "2",
+                "--api-listen",
+                &api,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    };
+    wait_until_ok(&format!("http://{api}/healthz"), Duration::from_secs(30)).await;
+    // No --api-key: the agent generated one, readable only by its user.
+    let key_file = agent_dir.join("api-key");
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = client
+            .post(format!("http://{api}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(
+                &serde_json::json!({"model": "tiny", "max_tokens": 8, "ignore_eos": true,
+                                      "messages": [{"role": "user", "content": "hi"}]}),
+            )
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert_eq!(body["usage"]["completion_tokens"], 8);
+            break;
+        }
+        // 404 until the model has loaded.
+        assert_eq!(r.status(), 404);
+        assert!(Instant::now() < deadline, "model never loaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let node = loop {
+        let out = cp.cli(&["-o", "json", "nodes", "show", "e2e-node"]);
+        if out.status.success() {
+            let node: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if node["models"][0]["stats"]["requests_completed"] == 1 {
+                break node;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "heartbeats never carried the model's stats"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(node["models"][0]["name"], "tiny");
+    assert_eq!(node["models"][0]["state"], "ready");
+    assert_eq!(node["models"][0]["stats"]["generated_tokens"], 8);
+    let table = String::from_utf8(cp.cli(&["nodes", "show", "e2e-node"]).stdout).unwrap();
+    assert!(
+        table.contains("Models:") && table.contains("GEN TOK/S"),
+        "{table}"
+    );
+    assert!(table.contains("0/2 busy"), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_without_a_control_plane_answers_and_refuses_a_broken_model_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny.gguf");
+    steward_engine::tiny_model::TinyModel::default()
+        .write_to(&model)
+        .unwrap();
+    let api = format!("127.0.0.1:{}", free_port());
+    let _serve = Running {
+        child: Command::new(binary("steward-node-agent"))
+            .args([
+                "serve",
+                "--model",
+                model.to_str().unwrap(),
+                "--api-key",
+                "sk-a,sk-b",
+            ])
+            .args([
+                "--data-dir",
+                dir.path().to_str().unwrap(),
+                "--api-listen",
+                &api,
+            ])
+            .args(["--slots", "1", "--ctx", "256", "--threads", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    };
+    wait_until_ok(&format!("http://{api}/healthz"), Duration::from_secs(30)).await;
+    let models: serde_json::Value = reqwest::Client::new()
+        .get(format!("http://{api}/v1/models"))
+        .bearer_auth("sk-b")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        models["data"][0]["id"], "tiny",
+        "the name defaults to the file stem"
+    );
+
+    let broken = dir.path().join("broken.gguf");
+    std::fs::write(&broken, b"GGUF\x03\x00\x00\x00 not really").unwrap();
+    let out = Command::new(binary("steward-node-agent"))
+        .args([
+            "serve",
+            "--model",
+            broken.to_str().unwrap(),
+            "--api-key",
+            "k",
+        ])
+        .args([
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("broken.gguf") && stderr.contains("pre-parse"),
+        "{stderr}"
+    );
+}

@@ -7,6 +7,7 @@ mod openai;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -110,6 +111,8 @@ pub struct ApiState {
     pub models: ModelSet,
     pub keys: ApiKeys,
     pub registry: Arc<Registry>,
+    /// Models still loading; `/healthz` answers 503 until none is.
+    pub loading: Arc<AtomicUsize>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -193,6 +196,7 @@ async fn metrics(State(state): State<ApiState>) -> Response {
     }
 }
 
+/// 200 once no model is loading, else 503; lists the models being served.
 async fn healthz(State(state): State<ApiState>) -> impl IntoResponse {
     let models: Vec<String> = state
         .models
@@ -200,7 +204,14 @@ async fn healthz(State(state): State<ApiState>) -> impl IntoResponse {
         .iter()
         .map(|m| m.name().to_string())
         .collect();
-    axum::Json(json!({ "status": "ok", "models": models }))
+    let loading = state.loading.load(Ordering::Relaxed);
+    let status = if loading == 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({ "status": if loading == 0 { "ok" } else { "loading" }, "models": models });
+    (status, axum::Json(body))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
