@@ -75,7 +75,7 @@ pub(crate) fn run(
         .with_n_batch(n_batch)
         .with_n_ubatch(UBATCH_TOKENS.min(n_batch))
         .with_n_seq_max(config.slots)
-        .with_kv_unified(true)
+        .with_kv_unified(config.kv_unified)
         .with_n_threads(threads as i32)
         .with_n_threads_batch(threads as i32);
     let ctx = match model.new_context(backend, params) {
@@ -118,6 +118,7 @@ pub(crate) fn run(
         n_batch: n_batch as usize,
         context_per_slot: config.context_per_slot,
         slots: (0..config.slots).map(|_| None).collect(),
+        cached: (0..config.slots).map(|_| Vec::new()).collect(),
         queue: VecDeque::new(),
         metrics,
     };
@@ -207,6 +208,8 @@ struct Active {
     pos: i32,
     /// The last sampled token, to be decoded in the next step.
     next: Option<LlamaToken>,
+    /// Generated tokens already decoded into the KV cache.
+    fed: Vec<LlamaToken>,
     generated: u32,
     max_tokens: u32,
     ignore_eos: bool,
@@ -230,6 +233,10 @@ struct Worker<'m> {
     n_batch: usize,
     context_per_slot: u32,
     slots: Vec<Option<Active>>,
+    /// Per idle slot, the tokens whose KV is still in its sequence (the last request's
+    /// prompt and output), so a request sharing that prefix (a conversation's next turn, a
+    /// repeated system prompt) skips recomputing it.
+    cached: Vec<Vec<LlamaToken>>,
     queue: VecDeque<Pending>,
     metrics: ModelMetrics,
 }
@@ -413,23 +420,36 @@ impl Worker<'_> {
         }
     }
 
+    /// Moves queued requests into free slots, each into the slot whose cached tokens share
+    /// the longest prefix with its prompt.
     fn admit(&mut self) {
         let n_vocab = self.model.n_vocab();
-        for seq in 0..self.slots.len() {
-            if self.slots[seq].is_some() {
-                continue;
-            }
-            let Some(p) = self.queue.pop_front() else {
+        while let Some(front) = self.queue.front() {
+            let best = (0..self.slots.len())
+                .filter(|&s| self.slots[s].is_none())
+                .map(|s| {
+                    (
+                        s,
+                        common_prefix(&self.cached[s], &front.tokens),
+                        self.cached[s].is_empty(),
+                    )
+                })
+                .max_by_key(|&(_, common, empty)| (common, empty));
+            let Some((seq, common, _)) = best else {
                 break;
             };
+            let p = self.queue.pop_front().expect("front exists");
+            // The last prompt token is always decoded again: its logits give the first token.
+            let reused = self.reuse_prefix(seq, common.min(p.tokens.len() - 1));
             let mut sampler = Sampler::new(&p.request.sampling, n_vocab);
             sampler.accept_prompt(&p.tokens);
             self.slots[seq] = Some(Active {
                 seq: seq as i32,
                 prompt: p.tokens,
-                prefilled: 0,
-                pos: 0,
+                prefilled: reused,
+                pos: reused as i32,
                 next: None,
+                fed: Vec::new(),
                 generated: 0,
                 max_tokens: p.max_tokens,
                 ignore_eos: p.request.ignore_eos,
@@ -441,6 +461,27 @@ impl Worker<'_> {
                 last_token_at: None,
                 logits_at: None,
             });
+        }
+    }
+
+    /// Keeps the first `n` cached positions of sequence `seq` and drops the rest; returns how
+    /// many were kept (0 when the cache cannot keep a prefix, e.g. a sliding-window cache
+    /// that has already evicted its start).
+    fn reuse_prefix(&mut self, seq: usize, n: usize) -> usize {
+        let id = seq as i32;
+        if n == 0 || self.ctx.kv_cache_seq_pos_min(id) > 0 {
+            self.clear_sequence(id);
+            return 0;
+        }
+        match self.ctx.kv_cache_seq_rm(id, Some(n as u32), None) {
+            Ok(()) => {
+                self.cached[seq].truncate(n);
+                n
+            }
+            Err(_) => {
+                self.clear_sequence(id);
+                0
+            }
         }
     }
 
@@ -456,6 +497,7 @@ impl Worker<'_> {
                 self.batch
                     .add(token, active.pos, &[active.seq], true)
                     .expect("the batch holds a token per slot");
+                active.fed.push(token);
                 active.logits_at = Some(self.batch.n_tokens() - 1);
                 active.pos += 1;
                 budget -= 1;
@@ -561,7 +603,10 @@ impl Worker<'_> {
         self.metrics.request_finished(Outcome::Completed);
         self.metrics.set_load(self.queue.len(), self.busy());
         let _ = active.events.send(Event::Finished { reason, usage });
-        self.clear_sequence(active.seq);
+        // Keep the sequence's KV for a next request with the same prefix.
+        let mut history = std::mem::take(&mut active.prompt);
+        history.extend_from_slice(&active.fed);
+        self.cached[seq] = history;
     }
 
     fn free(&mut self, seq: usize) {
@@ -571,6 +616,7 @@ impl Worker<'_> {
     }
 
     fn clear_sequence(&mut self, seq: i32) {
+        self.cached[seq as usize].clear();
         if let Err(e) = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None) {
             tracing::error!(model = %self.name, seq, error = %e, "could not clear a KV sequence");
         }
@@ -592,4 +638,9 @@ impl Worker<'_> {
         }
         self.metrics.set_load(self.queue.len(), 0);
     }
+}
+
+/// Length of the longest common prefix.
+fn common_prefix(a: &[LlamaToken], b: &[LlamaToken]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }

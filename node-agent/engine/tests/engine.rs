@@ -301,3 +301,52 @@ async fn requests_to_an_unloaded_model_fail_as_unloading() {
         other => panic!("expected Unloading, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_prompt_that_shares_a_prefix_with_the_last_one_reuses_its_cache() {
+    let l = load_tiny(TinyModel::default(), 1, 1024);
+    let prompt = "the fleet signed the model and the node answered the question ".repeat(4);
+    let first = collect(l.model.submit(text(&prompt, 16))).await;
+    let processed_once = l.model.stats().prompt_tokens;
+    assert_eq!(processed_once, u64::from(first.usage.prompt_tokens));
+    let again = collect(l.model.submit(text(&prompt, 16))).await;
+    assert_eq!(
+        again.text, first.text,
+        "reusing the cache must not change the answer"
+    );
+    assert_eq!(again.usage.prompt_tokens, first.usage.prompt_tokens);
+    assert_eq!(
+        l.model.stats().prompt_tokens - processed_once,
+        1,
+        "only the last prompt token is decoded again"
+    );
+    // A different prompt in the same slot starts over and still answers as a fresh slot would.
+    let other = collect(l.model.submit(text("hello world", 8))).await;
+    let fresh = load_tiny(TinyModel::default(), 1, 1024);
+    assert_eq!(
+        other.text,
+        collect(fresh.model.submit(text("hello world", 8)))
+            .await
+            .text
+    );
+}
+
+#[tokio::test]
+async fn a_unified_kv_cache_gives_the_same_answers() {
+    let split = load_tiny(TinyModel::default(), 2, 256);
+    let dir = tempfile::tempdir().unwrap();
+    let path = common::write_tiny(dir.path(), &TinyModel::default());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = steward_engine::metrics::EngineMetrics::register(&mut registry);
+    let config = steward_engine::ModelConfig {
+        slots: 2,
+        context_per_slot: 256,
+        kv_unified: true,
+        threads: Some(2),
+        ..steward_engine::ModelConfig::new("unified", path)
+    };
+    let unified = ModelHandle::load(config, &metrics).unwrap();
+    let a = collect(split.model.submit(text("the node", 24))).await.text;
+    let b = collect(unified.submit(text("the node", 24))).await.text;
+    assert_eq!(a, b);
+}

@@ -74,6 +74,9 @@ struct InferenceArgs {
     /// Context tokens per request (prompt and completion).
     #[arg(long, default_value_t = 4096)]
     ctx: u32,
+    /// One KV buffer shared by all slots instead of one per slot (see docs/BENCHMARKS.md).
+    #[arg(long)]
+    kv_unified: bool,
     /// CPU threads for inference (default: every core).
     #[arg(long)]
     threads: Option<u32>,
@@ -108,6 +111,7 @@ impl InferenceArgs {
         let model = ModelConfig {
             slots: self.slots,
             context_per_slot: self.ctx,
+            kv_unified: self.kv_unified,
             threads: self.threads,
             gpu_layers: self.gpu_layers,
             chat_template: self.chat_template.clone(),

@@ -22,7 +22,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, ensure};
+use anyhow::{Context, anyhow, bail, ensure};
 use clap::{Parser, ValueEnum};
 use steward_tests::openai_load::{
     self, Api, LlamaBench, Phase, Request, Sample, Server, Target, median, prompt,
@@ -254,7 +254,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("note: {note}");
     }
     if let Some(path) = &state.args.markdown {
-        let mut md = format!("## steward-engine-bench\n\n{}\n\n", header.trim_end());
+        let mut md = "## steward-engine-bench\n\n".to_owned();
+        for line in header.lines() {
+            let _ = writeln!(md, "- {line}");
+        }
+        md.push('\n');
         md.push_str(&table.markdown());
         for note in &state.notes {
             let _ = write!(md, "\n- {note}");
@@ -300,7 +304,10 @@ impl Bench {
                 .map(str::to_owned)
                 .into();
                 if matches!(self.api, Api::Chat) {
-                    argv.extend(["--chat-template".to_owned(), "gemma".to_owned()]);
+                    // The GGUF has no template; our agent falls back to llama.cpp's built-in
+                    // "gemma". With Jinja (the default) llama-server would take "gemma" as
+                    // template text; --no-jinja makes it the same built-in.
+                    argv.extend(["--no-jinja", "--chat-template", "gemma"].map(str::to_owned));
                 }
                 argv.extend(args.llama_server_arg.iter().cloned());
                 (&args.llama_server, argv, "/health", None)
@@ -452,8 +459,8 @@ impl Bench {
         }
         let want = self.args.pp_tokens;
         let mut words = want;
+        // Probes have their own ids, so no measured prompt finds one in a prompt cache.
         for probe_id in 0..4 {
-            // Probes have their own ids, so no measured prompt finds one in a prompt cache.
             let probe = Request {
                 prompt: prompt(probe_id, words),
                 max_tokens: 1,
@@ -461,24 +468,27 @@ impl Bench {
             let got = openai_load::stream_one(&self.http, target, &probe).await?;
             let got = usize::try_from(got.prompt_tokens)?;
             if got == want {
-                break;
+                self.pp_words = Some(words);
+                return Ok(words);
             }
-            words = (words + want)
-                .checked_sub(got)
-                .filter(|&w| w > 0)
-                .ok_or_else(|| {
-                    anyhow!(
-                        "a prompt of {want} tokens cannot be made ({words} words → {got} tokens)"
-                    )
-                })?;
+            let next = (words + want).checked_sub(got).filter(|&w| w > 0);
+            words = next.ok_or_else(|| {
+                anyhow!("a prompt of {want} tokens cannot be made ({words} words → {got} tokens)")
+            })?;
         }
-        self.pp_words = Some(words);
-        Ok(words)
+        bail!("no prompt of exactly {want} tokens found (last tried {words} words)")
     }
 
     fn header(&self, bench: &LlamaBench) -> String {
         let args = &self.args;
         let s = &bench.settings;
+        let mut server_args: Vec<String> = match self.api {
+            Api::Chat => ["--no-jinja", "--chat-template", "gemma"]
+                .map(str::to_owned)
+                .into(),
+            Api::Completions => Vec::new(),
+        };
+        server_args.extend(args.llama_server_arg.iter().cloned());
         let per_phase: Vec<String> = args
             .clients
             .iter()
@@ -518,7 +528,7 @@ impl Bench {
             s["type_k"].as_str().unwrap_or("?"),
             s["type_v"].as_str().unwrap_or("?"),
             args.ctx,
-            extra(&args.llama_server_arg),
+            extra(&server_args),
             args.ctx,
             extra(&args.agent_arg),
             t = args.threads,
