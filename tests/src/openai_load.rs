@@ -595,9 +595,12 @@ pub async fn llama_bench(
     threads: usize,
     pp: usize,
     tg: usize,
+    reps: usize,
 ) -> anyhow::Result<LlamaBench> {
     require_binary(program, "llama-bench")?;
     let args = [
+        "-r".to_owned(),
+        reps.to_string(),
         "-m".to_owned(),
         model.display().to_string(),
         "-t".to_owned(),

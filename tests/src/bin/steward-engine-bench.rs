@@ -64,7 +64,7 @@ struct Args {
     #[arg(long, default_value_t = 512)]
     pp_tokens: usize,
     /// Repetitions of the single-stream prompt and decode measurements (median taken).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     reps: usize,
     /// The endpoint the load uses.
     #[arg(long, value_enum, default_value_t = ApiArg::Completions)]
@@ -168,6 +168,10 @@ struct Bench {
     /// Words giving a prompt of `pp_tokens` tokens, found on the first server.
     pp_words: Option<usize>,
     notes: Vec<String>,
+    /// llama-bench runs (one repetition each) interleaved with our single-stream
+    /// measurements, so that both sides see the same machine: on a shared VM speed drifts
+    /// by several percent over minutes.
+    interleaved: Vec<LlamaBench>,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -202,6 +206,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         args.threads,
         args.pp_tokens,
         args.max_tokens as usize,
+        5,
     )
     .await?;
     eprintln!(
@@ -236,6 +241,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         api_key: format!("bench-{:016x}", rand::random::<u64>()),
         pp_words: None,
         notes: Vec::new(),
+        interleaved: Vec::new(),
         args,
     };
     let mut measured: BTreeMap<Side, Measured> = BTreeMap::new();
@@ -405,14 +411,25 @@ impl Bench {
         if slots == 1 {
             let words = self.pp_words(&target).await?;
             for rep in 0..self.args.reps {
+                if side == Side::Ours {
+                    let a = &self.args;
+                    let b = openai_load::llama_bench(
+                        &a.llama_bench,
+                        &a.model,
+                        a.threads,
+                        a.pp_tokens,
+                        a.max_tokens as usize,
+                        1,
+                    )
+                    .await?;
+                    self.interleaved.push(b);
+                }
                 let request = Request {
                     prompt: prompt(1_000 + rep, words),
                     max_tokens: 1,
                 };
                 into.pp
                     .push(openai_load::stream_one(&http, &target, &request).await?);
-            }
-            for rep in 0..self.args.reps {
                 let request = Request {
                     prompt: prompt(2_000 + rep, 8),
                     max_tokens: self.args.max_tokens,
@@ -550,17 +567,31 @@ impl Bench {
         let pp_n = self.args.pp_tokens;
         let tg_n = self.args.max_tokens;
 
+        // Prefer llama-bench runs interleaved with ours (medians); else the one run at start.
+        let (bench_pp, bench_tg, bench_label) = if self.interleaved.is_empty() {
+            (bench.pp.0, bench.tg.0, "")
+        } else {
+            (
+                median(self.interleaved.iter().map(|b| b.pp.0)).unwrap_or(bench.pp.0),
+                median(self.interleaved.iter().map(|b| b.tg.0)).unwrap_or(bench.tg.0),
+                " (interleaved, medians)",
+            )
+        };
         t.row(
-            &format!("prompt t/s, {pp_n} tokens: API (usage ÷ TTFT) vs llama-bench pp{pp_n}"),
+            &format!(
+                "prompt t/s, {pp_n} tokens: API (usage ÷ TTFT) vs llama-bench pp{pp_n}{bench_label}"
+            ),
             pp(ours),
-            Some(bench.pp.0),
+            Some(bench_pp),
             Unit::Tps,
             Some(Check::Ratio(0.95)),
         );
         t.row(
-            &format!("decode t/s, 1 stream, {tg_n} tokens: API vs llama-bench tg{tg_n}"),
+            &format!(
+                "decode t/s, 1 stream, {tg_n} tokens: API vs llama-bench tg{tg_n}{bench_label}"
+            ),
             tg(ours),
-            Some(bench.tg.0),
+            Some(bench_tg),
             Unit::Tps,
             Some(Check::Ratio(0.97)),
         );
