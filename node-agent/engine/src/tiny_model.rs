@@ -8,12 +8,15 @@
 
 use std::path::Path;
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use steward_artifact::gguf::writer::GgufWriter;
 
 /// Shape and metadata of a tiny model.
 #[derive(Clone, Debug)]
 pub struct TinyModel {
-    /// Seeds the weights; two seeds give two different models.
+    /// Seeds the weights; two seeds give two different models, one seed the same bytes
+    /// (within one build of `rand`).
     pub seed: u64,
     pub embedding_length: u32,
     pub feed_forward_length: u32,
@@ -104,7 +107,7 @@ impl TinyModel {
         let n_ff = u64::from(self.feed_forward_length);
         let head_dim = n_embd / u64::from(self.head_count);
         let n_kv = head_dim * u64::from(self.head_count_kv);
-        let mut rng = SplitMix(self.seed);
+        let mut rng = StdRng::seed_from_u64(self.seed);
 
         let mut w = GgufWriter::new(3)
             .kv_string("general.architecture", "llama")
@@ -129,7 +132,9 @@ impl TinyModel {
             w = w.kv_string("tokenizer.chat_template", template);
         }
         let mut matrix = |rows: u64, cols: u64, scale: f32| -> Vec<f32> {
-            (0..rows * cols).map(|_| rng.uniform() * scale).collect()
+            (0..rows * cols)
+                .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+                .collect()
         };
         w = w
             .tensor_f16(
@@ -162,24 +167,6 @@ impl TinyModel {
                 .tensor_f16(&t("ffn_down"), &[n_ff, n_embd], &matrix(n_ff, n_embd, s));
         }
         w
-    }
-}
-
-/// SplitMix64: a tiny deterministic generator, so a seed always gives the same model.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
-        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
 }
 
