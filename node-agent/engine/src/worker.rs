@@ -415,6 +415,10 @@ impl Worker<'_> {
                 cancelled += 1;
             }
         }
+        if cancelled > 0 {
+            // Gauges first, so whoever sees the cancellation counted also sees the slot free.
+            self.metrics.set_load(self.queue.len(), self.busy());
+        }
         for _ in 0..cancelled {
             self.metrics.request_finished(Outcome::Cancelled);
         }

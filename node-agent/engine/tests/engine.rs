@@ -89,18 +89,19 @@ async fn a_new_request_joins_the_running_batch_instead_of_waiting() {
 #[tokio::test]
 async fn with_one_slot_a_second_request_queues_until_the_first_ends() {
     let l = load_tiny(TinyModel::default(), 1, 1024);
-    let first = l.model.submit(text("first", 200));
-    let second = l.model.submit(text("second", 4));
-    let first = tokio::spawn(async move {
-        let out = collect(first).await;
-        (out, Instant::now())
-    });
-    let second = collect(second).await;
-    let second_done = Instant::now();
-    let (first, first_done) = first.await.unwrap();
-    assert_eq!(first.usage.completion_tokens, 200);
+    let mut first = l.model.submit(text("first", 200));
+    let second = collect(l.model.submit(text("second", 4))).await;
     assert_eq!(second.usage.completion_tokens, 4);
-    assert!(first_done <= second_done);
+    // The second request could only take the slot after the first had finished, so the
+    // first's whole answer is already waiting in its channel.
+    let mut first_usage = None;
+    while let Ok(event) = first.try_recv() {
+        if let Event::Finished { usage, .. } = event {
+            first_usage = Some(usage);
+        }
+    }
+    let first_usage = first_usage.expect("the first request finished before the second");
+    assert_eq!(first_usage.completion_tokens, 200);
 }
 
 #[tokio::test]
