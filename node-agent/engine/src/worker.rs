@@ -89,7 +89,7 @@ pub(crate) fn run(
             return;
         }
     };
-    let (template, template_source) = resolve_chat_template(&model, &facts, &config);
+    let (template, template_source) = resolve_chat_template(&model, &facts, &config, &config.name);
     let info = ModelInfo {
         name: config.name.clone(),
         facts,
@@ -110,10 +110,6 @@ pub(crate) fn run(
         model: &model,
         ctx,
         template,
-        template_unavailable: match &info.chat_template {
-            ChatTemplateSource::Unavailable(reason) => Some(reason.clone()),
-            _ => None,
-        },
         batch: LlamaBatch::new(n_batch as usize, 1),
         n_batch: n_batch as usize,
         context_per_slot: config.context_per_slot,
@@ -135,34 +131,32 @@ fn resolve_chat_template(
     model: &LlamaModel,
     facts: &GgufFacts,
     config: &ModelConfig,
-) -> (Option<LlamaChatTemplate>, ChatTemplateSource) {
+    name: &str,
+) -> (Result<LlamaChatTemplate, RequestError>, ChatTemplateSource) {
+    let unusable = |reason: String| {
+        let error = RequestError::ChatTemplate {
+            model: name.to_string(),
+            reason: reason.clone(),
+        };
+        (Err(error), ChatTemplateSource::Unavailable(reason))
+    };
     let (template, source) = if let Some(configured) = &config.chat_template {
         match LlamaChatTemplate::new(configured) {
             Ok(t) => (t, ChatTemplateSource::Configured(configured.clone())),
-            Err(_) => {
-                return (
-                    None,
-                    ChatTemplateSource::Unavailable(
-                        "the configured template contains a NUL byte".into(),
-                    ),
-                );
-            }
+            Err(_) => return unusable("the configured template contains a NUL byte".into()),
         }
     } else if let Ok(t) = model.chat_template(None) {
         (t, ChatTemplateSource::Gguf)
-    } else if let Some(name) = built_in_template(&facts.architecture) {
-        match LlamaChatTemplate::new(name) {
-            Ok(t) => (t, ChatTemplateSource::BuiltIn(name)),
-            Err(_) => {
-                return (
-                    None,
-                    ChatTemplateSource::Unavailable("bad built-in name".into()),
-                );
-            }
+    } else if let Some(built_in) = built_in_template(&facts.architecture) {
+        match LlamaChatTemplate::new(built_in) {
+            Ok(t) => (t, ChatTemplateSource::BuiltIn(built_in)),
+            Err(_) => return unusable(format!("bad built-in template name `{built_in}`")),
         }
     } else {
         return (
-            None,
+            Err(RequestError::NoChatTemplate {
+                model: name.to_string(),
+            }),
             ChatTemplateSource::Unavailable(
                 "the GGUF has no tokenizer.chat_template and none is configured".into(),
             ),
@@ -171,13 +165,10 @@ fn resolve_chat_template(
     let probe = ["system", "user", "assistant", "user"]
         .map(|role| LlamaChatMessage::new(role.into(), "probe".into()).expect("no NUL"));
     match model.apply_chat_template(&template, &probe, true) {
-        Ok(_) => (Some(template), source),
-        Err(e) => (
-            None,
-            ChatTemplateSource::Unavailable(format!(
-                "llama.cpp does not support the chat template ({source:?}): {e}"
-            )),
-        ),
+        Ok(_) => (Ok(template), source),
+        Err(e) => unusable(format!(
+            "llama.cpp does not support the chat template ({source:?}): {e}"
+        )),
     }
 }
 
@@ -227,8 +218,8 @@ struct Worker<'m> {
     name: String,
     model: &'m LlamaModel,
     ctx: LlamaContext<'m>,
-    template: Option<LlamaChatTemplate>,
-    template_unavailable: Option<String>,
+    /// The chat template, or why chat requests are refused.
+    template: Result<LlamaChatTemplate, RequestError>,
     batch: LlamaBatch<'static>,
     n_batch: usize,
     context_per_slot: u32,
@@ -366,17 +357,7 @@ impl Worker<'_> {
     }
 
     fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, RequestError> {
-        let Some(template) = &self.template else {
-            return Err(match &self.template_unavailable {
-                Some(reason) if reason.contains("does not support") => RequestError::ChatTemplate {
-                    model: self.name.clone(),
-                    reason: reason.clone(),
-                },
-                _ => RequestError::NoChatTemplate {
-                    model: self.name.clone(),
-                },
-            });
-        };
+        let template = self.template.as_ref().map_err(Clone::clone)?;
         if messages.is_empty() {
             return Err(RequestError::InvalidParameter {
                 name: "messages",
