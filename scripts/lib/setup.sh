@@ -25,6 +25,12 @@ ensure_toolchain() {
     log "installing a C compiler (ring and SQLite build C code)"
     apt_install build-essential
   fi
+  # llama-cpp-sys-2 builds llama.cpp with CMake and generates its bindings with libclang.
+  if ! command -v cmake >/dev/null 2>&1 || ! command -v clang >/dev/null 2>&1 \
+    || ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
+    log "installing cmake, clang and libclang (llama.cpp build)"
+    apt_install cmake clang libclang-dev
+  fi
   if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
     rustup component add rustfmt clippy >/dev/null 2>&1 || true
   fi
