@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .message_attribute(".", "#[serde(default)]")
         // Artifact chunks stay `Bytes` end to end: no copy between the wire and the disk.
         .bytes(".steward.admin.v1.PushModelRequest.chunk")
+        .bytes(".steward.agent.v1.ArtifactChunk.data")
         .file_descriptor_set_path(out_dir.join("steward_descriptor.bin"))
         .compile_with_config(
             config,
@@ -19,6 +20,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "proto/steward/agent/v1/agent.proto",
                 "proto/steward/admin/v1/admin.proto",
                 "proto/steward/admin/v1/models.proto",
+                "proto/steward/admin/v1/deployments.proto",
             ],
             &["proto"],
         )?;

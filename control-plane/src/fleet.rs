@@ -9,7 +9,9 @@ use serde_json::json;
 use steward_db::{
     EnrollmentTokenRecord, NewAuditEvent, NewNode, NodeRecord, NodeState, Store, TokenRejection,
 };
-use steward_proto::agent::v1::{DesiredState, Inventory};
+use steward_proto::agent::v1::{
+    AgentTrustAnchor, AgentTrustPolicy, DesiredState, Inventory, ModelAssignment,
+};
 use steward_proto::enrollment::{EnrollmentToken, hash_secret};
 
 use crate::metrics::{Metrics, OutcomeLabel, StateLabel};
@@ -379,13 +381,60 @@ impl Fleet {
         Ok(())
     }
 
-    /// What the node should run now.
-    pub fn desired_state(node: &NodeRecord) -> DesiredState {
-        DesiredState {
+    /// What the node should run now: its assigned models with what the agent needs to
+    /// fetch and verify them, the trust policy it verifies under, and the revoked digests
+    /// it must delete.
+    pub async fn desired_state(&self, node: &NodeRecord) -> Result<DesiredState, FleetError> {
+        let mut models = Vec::with_capacity(node.desired_models.len());
+        for assigned in &node.desired_models {
+            let Some(artifact) = self.store.find_artifact(&assigned.digest).await? else {
+                tracing::error!(digest = %assigned.digest, "an assigned artifact is missing from the registry");
+                continue;
+            };
+            let model_name = self
+                .store
+                .versions_of(&assigned.digest)
+                .await?
+                .into_iter()
+                .next()
+                .map(|m| m.name)
+                .unwrap_or_default();
+            models.push(ModelAssignment {
+                name: assigned.deployment.clone(),
+                digest: assigned.digest.clone(),
+                model_name,
+                file_name: artifact.file_name,
+                size_bytes: artifact.size_bytes,
+                signature_bundle: artifact.signature_bundle.into_bytes(),
+                slots: assigned.slots,
+                context_per_slot: assigned.context_per_slot,
+                gpu_layers: assigned.gpu_layers,
+            });
+        }
+        let policy = crate::trust::TrustPolicy::load(&self.store).await?;
+        Ok(DesiredState {
             generation: node.desired_generation,
             drain: node.draining,
-            models: Vec::new(),
-        }
+            models,
+            trust: Some(AgentTrustPolicy {
+                anchors: policy
+                    .anchors
+                    .iter()
+                    .map(|a| AgentTrustAnchor {
+                        kind: a.kind.clone(),
+                        pem: a.pem.clone(),
+                        identity: a.identity.clone(),
+                        name_pattern: a.name_pattern.clone(),
+                    })
+                    .collect(),
+                unsigned_allowed: policy
+                    .unsigned
+                    .iter()
+                    .map(|a| a.name_pattern.clone())
+                    .collect(),
+            }),
+            revoked_digests: self.store.revoked_artifact_digests().await?,
+        })
     }
 
     // ---- nodes --------------------------------------------------------------------------
@@ -419,6 +468,57 @@ impl Fleet {
             .await
     }
 
+    /// Sets and removes labels. Keys and values are 1-63 characters of letters, digits and
+    /// `-_./`; `name` is reserved (selectors use it for the node name).
+    pub async fn label(
+        &self,
+        actor: &Actor,
+        node: &str,
+        set: std::collections::HashMap<String, String>,
+        remove: &[String],
+    ) -> Result<NodeRecord, FleetError> {
+        let current = self.find_node(node).await?;
+        let valid = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+        };
+        let mut labels = current.labels.clone();
+        for key in remove {
+            labels.remove(key);
+        }
+        for (key, value) in &set {
+            if key == "name" {
+                return Err(FleetError::InvalidArgument(
+                    "the label `name` is reserved: selectors match `name=` against node names"
+                        .into(),
+                ));
+            }
+            if !valid(key) || !valid(value) {
+                return Err(FleetError::InvalidArgument(format!(
+                    "label `{key}={value}`: keys and values must be 1-63 characters of \
+                     letters, digits and `-_./`"
+                )));
+            }
+            labels.insert(key.clone(), value.clone());
+        }
+        if labels == current.labels {
+            return Ok(current);
+        }
+        let event = audit(
+            actor,
+            "node.label",
+            &current.id,
+            "success",
+            json!({"labels": labels, "previous": current.labels}),
+        );
+        Ok(self
+            .store
+            .set_node_labels(&current.id, &labels, event)
+            .await?)
+    }
+
     async fn set_scheduling(
         &self,
         actor: &Actor,
@@ -442,9 +542,11 @@ impl Fleet {
                 ),
             )
             .await?;
-        if updated.desired_generation != current.desired_generation {
-            self.sessions
-                .push_desired_state(&updated.id, Self::desired_state(&updated));
+        if updated.desired_generation != current.desired_generation
+            && self.sessions.get(&updated.id).is_some()
+        {
+            let desired = self.desired_state(&updated).await?;
+            self.sessions.push_desired_state(&updated.id, desired);
         }
         Ok(updated)
     }

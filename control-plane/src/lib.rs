@@ -3,6 +3,8 @@
 //! Code map:
 //! - [`server`]: start-up ([`ControlPlane::start`], [`run`]), listeners and shutdown.
 //! - [`fleet`]: the application layer — enrollment, identity, node scheduling flags.
+//! - [`deployments`]: deployments, re-placement and each node's desired state.
+//! - [`placement`]: which nodes take which replicas (a pure function).
 //! - [`grpc`]: handlers for `steward.agent.v1` and `steward.admin.v1`.
 //! - [`sessions`]: open agent sessions and liveness, in memory.
 //! - [`pki`]: the fleet CA and certificate issuance.
@@ -12,11 +14,13 @@
 pub mod audit_export;
 pub mod blobs;
 pub mod cli;
+pub mod deployments;
 pub mod fleet;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
 pub mod pki;
+pub mod placement;
 pub mod registry;
 pub mod server;
 pub mod sessions;

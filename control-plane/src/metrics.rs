@@ -31,6 +31,8 @@ pub struct Metrics {
     pub enrollments: Family<OutcomeLabel, Counter>,
     pub db_writes: Counter,
     db_writes_seen: Mutex<u64>,
+    /// Artifact bytes streamed to agents (a resumed pull sends only the rest).
+    pub artifact_bytes_sent: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -84,7 +86,14 @@ impl Default for Metrics {
             "Database write transactions committed",
             db_writes.clone(),
         );
+        let artifact_bytes_sent = Counter::default();
+        registry.register(
+            "artifact_sent_bytes",
+            "Artifact bytes streamed to agents",
+            artifact_bytes_sent.clone(),
+        );
         Self {
+            artifact_bytes_sent,
             registry,
             nodes,
             sessions,

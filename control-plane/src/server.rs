@@ -10,6 +10,7 @@ use serde_json::json;
 use steward_db::{AdminCredentialRecord, CaRecord, Store};
 use steward_proto::admin::v1::admin_service_server::AdminServiceServer;
 use steward_proto::admin::v1::audit_service_server::AuditServiceServer;
+use steward_proto::admin::v1::deployment_service_server::DeploymentServiceServer;
 use steward_proto::admin::v1::model_service_server::ModelServiceServer;
 use steward_proto::admin::v1::trust_service_server::TrustServiceServer;
 use steward_proto::agent::v1::agent_service_server::AgentServiceServer;
@@ -22,7 +23,10 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::blobs::BlobStore;
 use crate::fleet::{Actor, Fleet, FleetSettings, audit, now_unix};
+use crate::deployments::Deployments;
+use crate::grpc::deployments::DeploymentApi;
 use crate::grpc::models::{AuditApi, ModelApi, TrustApi};
+use crate::placement::Strategy;
 use crate::grpc::{admin::AdminApi, agent::AgentApi};
 use crate::metrics::Metrics;
 use crate::pki::{CertificateAuthority, PkiError};
@@ -49,6 +53,8 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     pub fleet: FleetSettings,
     pub registry: RegistrySettings,
+    /// How new replicas are placed.
+    pub placement: Strategy,
 }
 
 impl Config {
@@ -60,6 +66,7 @@ impl Config {
             heartbeat_timeout: Duration::from_secs(15),
             fleet: FleetSettings::default(),
             registry: RegistrySettings::default(),
+            placement: Strategy::default(),
         }
     }
 
@@ -135,6 +142,11 @@ impl ControlPlane {
         let registry = Arc::new(Registry::new(store.clone(), blobs, config.registry.clone()));
         let metrics = Arc::new(Metrics::default());
         let fleet = Arc::new(Fleet::new(store, ca.clone(), metrics, config.fleet.clone()));
+        let deployments = Arc::new(Deployments::new(
+            fleet.clone(),
+            registry.clone(),
+            config.placement,
+        ));
         let shutdown = CancellationToken::new();
 
         let mut names = vec![
@@ -167,15 +179,31 @@ impl ControlPlane {
             .max_frame_size(MAX_FRAME)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(AgentServiceServer::new(AgentApi::new(fleet.clone())))
-            .add_service(AdminServiceServer::new(AdminApi::new(fleet.clone())))
+            .add_service(AgentServiceServer::new(AgentApi::new(
+                fleet.clone(),
+                registry.clone(),
+                deployments.clone(),
+            )))
+            .add_service(AdminServiceServer::new(AdminApi::new(
+                fleet.clone(),
+                deployments.clone(),
+            )))
             .add_service(
-                ModelServiceServer::new(ModelApi::new(fleet.clone(), registry.clone()))
-                    .max_decoding_message_size(PUSH_MESSAGE_LIMIT),
+                ModelServiceServer::new(ModelApi::new(
+                    fleet.clone(),
+                    registry.clone(),
+                    deployments.clone(),
+                ))
+                .max_decoding_message_size(PUSH_MESSAGE_LIMIT),
             )
             .add_service(TrustServiceServer::new(TrustApi::new(
                 fleet.clone(),
                 registry.clone(),
+                deployments.clone(),
+            )))
+            .add_service(DeploymentServiceServer::new(DeploymentApi::new(
+                fleet.clone(),
+                deployments.clone(),
             )))
             .add_service(AuditServiceServer::new(AuditApi::new(fleet.clone())))
             .add_service(reflection)
@@ -203,6 +231,7 @@ impl ControlPlane {
                 tracing::error!(error = %steward_telemetry::chain(&e), "HTTP server failed");
             }
         }));
+        tasks.push(tokio::spawn(deployments.clone().run(shutdown.clone())));
         tasks.push(tokio::spawn(sweep_silent_sessions(
             fleet.clone(),
             config.heartbeat_timeout,

@@ -3,48 +3,13 @@
 //! database for every decision, so changes take effect without a restart.
 
 use steward_artifact::digest::Sha256Hex;
-use steward_artifact::signing::{ModelFile, SigningError, TrustAnchor, verify_bundle};
+pub use steward_artifact::policy::{Acceptance, PolicyRefusal, pattern_matches};
+use steward_artifact::policy::{Policy, ScopedAnchor};
+use steward_artifact::signing::TrustAnchor;
 use steward_db::{Store, TrustAnchorRecord, UnsignedAllowanceRecord};
 
 pub const KIND_PUBLIC_KEY: &str = "public_key";
 pub const KIND_CERTIFICATE_ROOT: &str = "certificate_root";
-
-/// Why an artifact was refused by the policy.
-#[derive(Debug, thiserror::Error)]
-pub enum PolicyRefusal {
-    #[error(
-        "model `{name}` is unsigned and no unsigned allowance matches it \
-         (sign it, or an admin may `steward trust allow-unsigned PATTERN`)"
-    )]
-    Unsigned { name: String },
-    #[error("no trust anchor may sign models named `{name}`")]
-    NoAnchorForName { name: String },
-    #[error("the signature does not verify under the trust policy")]
-    Signature(#[source] SigningError),
-}
-
-/// How an accepted artifact was accepted.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Acceptance {
-    Signed { signer: String },
-    UnsignedAllowed { pattern: String },
-}
-
-impl Acceptance {
-    pub fn signer(&self) -> &str {
-        match self {
-            Self::Signed { signer } => signer,
-            Self::UnsignedAllowed { .. } => "",
-        }
-    }
-
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Signed { .. } => "verified".to_owned(),
-            Self::UnsignedAllowed { pattern } => format!("unsigned-allowed (pattern {pattern})"),
-        }
-    }
-}
 
 /// The policy as stored now.
 #[derive(Clone, Debug, Default)]
@@ -61,6 +26,25 @@ impl TrustPolicy {
         })
     }
 
+    /// The policy in the form decisions are made in (here and, sent, on agents).
+    pub fn decision_policy(&self) -> Policy {
+        Policy {
+            anchors: self
+                .anchors
+                .iter()
+                .map(|a| ScopedAnchor {
+                    anchor: anchor(a),
+                    name_pattern: a.name_pattern.clone(),
+                })
+                .collect(),
+            unsigned_allowed: self
+                .unsigned
+                .iter()
+                .map(|a| a.name_pattern.clone())
+                .collect(),
+        }
+    }
+
     /// Decides whether `name`, made of `files`, with an optional signature bundle, is trusted.
     pub fn evaluate(
         &self,
@@ -68,38 +52,7 @@ impl TrustPolicy {
         files: &[(String, Sha256Hex)],
         bundle: Option<&[u8]>,
     ) -> Result<Acceptance, PolicyRefusal> {
-        let Some(bundle) = bundle.filter(|b| !b.is_empty()) else {
-            return self
-                .unsigned
-                .iter()
-                .find(|a| pattern_matches(&a.name_pattern, name))
-                .map(|a| Acceptance::UnsignedAllowed {
-                    pattern: a.name_pattern.clone(),
-                })
-                .ok_or_else(|| PolicyRefusal::Unsigned {
-                    name: name.to_owned(),
-                });
-        };
-        let anchors: Vec<TrustAnchor> = self
-            .anchors
-            .iter()
-            .filter(|a| pattern_matches(&a.name_pattern, name))
-            .map(anchor)
-            .collect();
-        if anchors.is_empty() {
-            return Err(PolicyRefusal::NoAnchorForName {
-                name: name.to_owned(),
-            });
-        }
-        let model_files: Vec<ModelFile<'_>> = files
-            .iter()
-            .map(|(name, sha256)| ModelFile { name, sha256 })
-            .collect();
-        let verified =
-            verify_bundle(bundle, &model_files, &anchors).map_err(PolicyRefusal::Signature)?;
-        Ok(Acceptance::Signed {
-            signer: verified.signer,
-        })
+        self.decision_policy().evaluate(name, files, bundle)
     }
 }
 
@@ -113,74 +66,5 @@ fn anchor(record: &TrustAnchorRecord) -> TrustAnchor {
         TrustAnchor::PublicKey {
             pem: record.pem.clone(),
         }
-    }
-}
-
-/// Glob match where `*` matches any run of characters (including none); everything else is
-/// literal.
-pub fn pattern_matches(pattern: &str, name: &str) -> bool {
-    let parts: Vec<&str> = pattern.split('*').collect();
-    if parts.len() == 1 {
-        return pattern == name;
-    }
-    let (first, last) = (parts[0], parts[parts.len() - 1]);
-    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
-        return false;
-    }
-    let mut rest = &name[first.len()..name.len() - last.len()];
-    for part in &parts[1..parts.len() - 1] {
-        match rest.find(part) {
-            Some(i) => rest = &rest[i + part.len()..],
-            None => return false,
-        }
-    }
-    true
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn patterns_match_literally_except_for_stars() {
-        assert!(pattern_matches("*", "anything"));
-        assert!(pattern_matches("gemma-*", "gemma-3-270m"));
-        assert!(!pattern_matches("gemma-*", "llama-3"));
-        assert!(pattern_matches("*-instruct", "qwen-instruct"));
-        assert!(pattern_matches("a*b*c", "a-x-b-y-c"));
-        assert!(!pattern_matches("a*b*c", "a-x-c-y-b"));
-        assert!(pattern_matches("exact", "exact"));
-        assert!(!pattern_matches("exact", "exactly"));
-        assert!(
-            !pattern_matches("ab*ba", "aba"),
-            "prefix and suffix must not overlap"
-        );
-    }
-
-    #[test]
-    fn unsigned_models_need_a_matching_allowance() {
-        let mut policy = TrustPolicy::default();
-        let err = policy.evaluate("dev-model", &[], None).unwrap_err();
-        assert!(err.to_string().contains("is unsigned"), "{err}");
-        policy.unsigned.push(UnsignedAllowanceRecord {
-            name_pattern: "dev-*".into(),
-            reason: "testing".into(),
-            created_at: 0,
-            created_by: "admin:x".into(),
-        });
-        assert_eq!(
-            policy.evaluate("dev-model", &[], None).unwrap(),
-            Acceptance::UnsignedAllowed {
-                pattern: "dev-*".into()
-            }
-        );
-        assert!(policy.evaluate("prod-model", &[], None).is_err());
-    }
-
-    #[test]
-    fn a_signed_model_needs_an_anchor_for_its_name() {
-        let policy = TrustPolicy::default();
-        let err = policy.evaluate("m", &[], Some(b"{}")).unwrap_err();
-        assert!(matches!(err, PolicyRefusal::NoAnchorForName { .. }));
     }
 }

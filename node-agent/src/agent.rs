@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::artifacts::ArtifactCache;
+use crate::assignments::{Assignments, LoadDefaults};
 use crate::identity::{FileIdentityStore, IdentityError, IdentityStore, enroll};
 use crate::inventory::HostProbe;
 use crate::inventory::InventoryProbe;
@@ -26,8 +28,12 @@ pub struct AgentConfig {
     pub heartbeat_interval: Duration,
     pub inventory_interval: Duration,
     /// Models to load at start and the API serving them; none for an agent without
-    /// inference.
+    /// inference (it cannot take deployments).
     pub serving: Option<ServingConfig>,
+    /// Disk the artifact cache may use before unassigned artifacts are evicted.
+    pub cache_budget_bytes: u64,
+    /// Threads for models loaded from deployments (default: every core).
+    pub threads: Option<u32>,
 }
 
 impl AgentConfig {
@@ -40,6 +46,8 @@ impl AgentConfig {
             heartbeat_interval: Duration::from_secs(5),
             inventory_interval: Duration::from_secs(60),
             serving: None,
+            cache_budget_bytes: 100 << 30,
+            threads: None,
         }
     }
 }
@@ -60,6 +68,8 @@ pub enum AgentError {
     State(#[from] StateError),
     #[error("cannot start inference")]
     Serving(#[from] ServingError),
+    #[error("cannot open the artifact cache")]
+    Cache(#[from] crate::artifacts::ArtifactError),
 }
 
 /// Runs the agent until `shutdown` fires.
@@ -106,6 +116,27 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         Some(s) => s.clone(),
         None => Arc::new(NoModels),
     };
+    let assignments = match &serving {
+        Some(serving) => {
+            let cache = ArtifactCache::open(&config.data_dir, config.cache_budget_bytes)?;
+            let runner = Assignments::new(
+                serving.clone(),
+                cache,
+                identity_store.clone(),
+                config.control_plane.clone(),
+                LoadDefaults {
+                    threads: config.threads,
+                },
+            );
+            Some(tokio::spawn(runner.run(reconciler.watch(), shutdown.clone())))
+        }
+        None => {
+            if !reconciler.applied().models.is_empty() {
+                tracing::warn!("models are assigned to this node, but it runs without inference (start it with --api-listen)");
+            }
+            None
+        }
+    };
     let parts = SessionParts {
         identity: identity_store,
         probe,
@@ -117,6 +148,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     session.heartbeat_interval = config.heartbeat_interval;
     session.inventory_interval = config.inventory_interval;
     maintain(session, parts, shutdown).await;
+    if let Some(task) = assignments {
+        let _ = task.await;
+    }
     if let Some(serving) = serving {
         serving.unload_all().await;
     }

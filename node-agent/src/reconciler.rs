@@ -25,6 +25,7 @@ pub struct Reconciler {
     store: Arc<dyn StateStore>,
     applied: Mutex<DesiredState>,
     draining: watch::Sender<bool>,
+    desired: watch::Sender<DesiredState>,
 }
 
 impl Reconciler {
@@ -33,10 +34,12 @@ impl Reconciler {
     pub fn new(store: Arc<dyn StateStore>) -> Result<Self, StateError> {
         let applied = store.load()?.unwrap_or_default();
         let (draining, _) = watch::channel(applied.drain);
+        let (desired, _) = watch::channel(applied.clone());
         Ok(Self {
             store,
             applied: Mutex::new(applied),
             draining,
+            desired,
         })
     }
 
@@ -51,6 +54,11 @@ impl Reconciler {
     /// Watch the drain flag (the inference engine stops taking new work while it is set).
     pub fn draining(&self) -> watch::Receiver<bool> {
         self.draining.subscribe()
+    }
+
+    /// Watch the applied desired state (the models to run follow it).
+    pub fn watch(&self) -> watch::Receiver<DesiredState> {
+        self.desired.subscribe()
     }
 
     pub fn apply(&self, desired: DesiredState) -> Result<Applied, StateError> {
@@ -70,6 +78,7 @@ impl Reconciler {
             );
         }
         self.draining.send_replace(desired.drain);
+        self.desired.send_replace(desired.clone());
         *applied = desired;
         Ok(Applied::Updated)
     }
@@ -89,6 +98,7 @@ mod tests {
             generation,
             drain,
             models: vec![],
+            ..Default::default()
         }
     }
 

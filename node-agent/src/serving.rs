@@ -60,20 +60,36 @@ impl ModelReporter for NoModels {
     }
 }
 
+/// Where one model is on its way to serving.
 #[derive(Clone, Debug)]
-enum Slot {
+pub enum Slot {
+    /// Fetching its artifact from the control plane.
+    Pulling { done: u64, total: u64 },
+    /// Checking the fetched file (digest, signature, GGUF pre-parse).
+    Verifying,
     Loading,
     Ready(ModelHandle),
     Failed(String),
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    name: String,
+    /// sha256 of the GGUF when it came from a deployment; empty for a local model.
+    digest: String,
+    slot: Slot,
 }
 
 /// The serving side of an agent: the engine's models and the API in front of them.
 #[derive(Debug)]
 pub struct Serving {
     models: ModelSet,
-    states: Mutex<Vec<(String, Slot)>>,
+    states: Mutex<Vec<Entry>>,
     metrics: EngineMetrics,
     local_addr: SocketAddr,
+    /// Models loading now (the API's `/healthz` answers 503 while any is).
+    loading: Arc<AtomicUsize>,
+    free_vram: Option<u64>,
 }
 
 impl Serving {
@@ -106,24 +122,30 @@ impl Serving {
             })?;
         let mut registry = Registry::with_prefix("steward");
         let metrics = EngineMetrics::register(&mut registry);
+        let loading = Arc::new(AtomicUsize::new(0));
         let serving = Arc::new(Self {
             models: ModelSet::default(),
             states: Mutex::new(
                 config
                     .models
                     .iter()
-                    .map(|m| (m.name.clone(), Slot::Loading))
+                    .map(|m| Entry {
+                        name: m.name.clone(),
+                        digest: String::new(),
+                        slot: Slot::Loading,
+                    })
                     .collect(),
             ),
             metrics,
             local_addr,
+            loading: loading.clone(),
+            free_vram: free_vram_bytes(inventory),
         });
-        let loading = Arc::new(AtomicUsize::new(config.models.len()));
         let state = ApiState {
             models: serving.models.clone(),
             keys,
             registry: Arc::new(registry),
-            loading: loading.clone(),
+            loading,
         };
         tokio::spawn(async move {
             if let Err(e) =
@@ -133,14 +155,11 @@ impl Serving {
             }
         });
         tracing::info!(%local_addr, "inference API listening");
-        let free_vram = free_vram_bytes(inventory);
-        for mut model in config.models {
-            model.free_vram_bytes = model.free_vram_bytes.or(free_vram);
+        for model in config.models {
             let serving = serving.clone();
-            let loading = loading.clone();
+            serving.loading.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
-                serving.load(model).await;
-                loading.fetch_sub(1, Ordering::Relaxed);
+                let _ = serving.load_counted(model, String::new()).await;
             });
         }
         Ok(serving)
@@ -150,42 +169,98 @@ impl Serving {
         self.local_addr
     }
 
-    async fn load(&self, config: ModelConfig) {
+    /// Sets (or adds) a model's state, e.g. while its artifact is pulled.
+    pub fn set_state(&self, name: &str, digest: &str, slot: Slot) {
+        let mut states = self.lock();
+        match states.iter_mut().find(|e| e.name == name) {
+            Some(entry) => {
+                entry.digest = digest.to_owned();
+                entry.slot = slot;
+            }
+            None => states.push(Entry {
+                name: name.to_owned(),
+                digest: digest.to_owned(),
+                slot,
+            }),
+        }
+    }
+
+    /// Loads a model and serves it under its name; `digest` is reported with its state.
+    /// On failure the reason is kept as the model's state and returned.
+    pub async fn load(&self, config: ModelConfig, digest: &str) -> Result<(), String> {
+        self.loading.fetch_add(1, Ordering::Relaxed);
+        self.load_counted(config, digest.to_owned()).await
+    }
+
+    async fn load_counted(&self, mut config: ModelConfig, digest: String) -> Result<(), String> {
         let name = config.name.clone();
+        config.free_vram_bytes = config.free_vram_bytes.or(self.free_vram);
+        self.set_state(&name, &digest, Slot::Loading);
         let metrics = self.metrics.clone();
         let result = tokio::task::spawn_blocking(move || ModelHandle::load(config, &metrics)).await;
-        let slot = match result {
+        let outcome = match result {
             Ok(Ok(handle)) => {
-                self.models.insert(handle.clone());
-                Slot::Ready(handle)
+                if let Some(old) = self.models.insert(handle.clone()) {
+                    let _ = tokio::task::spawn_blocking(move || old.unload()).await;
+                }
+                tracing::info!(model = %name, %digest, "model ready");
+                self.set_state(&name, &digest, Slot::Ready(handle));
+                Ok(())
             }
             Ok(Err(e)) => {
                 let reason = steward_telemetry::chain(&e).to_string();
                 tracing::error!(model = %name, error = %reason, "model failed to load");
-                Slot::Failed(reason)
+                self.set_state(&name, &digest, Slot::Failed(reason.clone()));
+                Err(reason)
             }
-            Err(e) => Slot::Failed(format!("the loading task failed: {e}")),
+            Err(e) => {
+                let reason = format!("the loading task failed: {e}");
+                self.set_state(&name, &digest, Slot::Failed(reason.clone()));
+                Err(reason)
+            }
         };
-        let mut states = self.states.lock().expect("serving state poisoned");
-        if let Some(entry) = states.iter_mut().find(|(n, _)| *n == name) {
-            entry.1 = slot;
+        self.loading.fetch_sub(1, Ordering::Relaxed);
+        outcome
+    }
+
+    /// Stops serving a model and unloads it (memory returns); forgets its state.
+    pub async fn remove(&self, name: &str) {
+        self.lock().retain(|e| e.name != name);
+        if let Some(model) = self.models.remove(name) {
+            tracing::info!(model = %name, "unloading model");
+            let _ = tokio::task::spawn_blocking(move || model.unload()).await;
         }
+    }
+
+    /// The names and digests of every model with a state.
+    pub fn entries(&self) -> Vec<(String, String)> {
+        self.lock()
+            .iter()
+            .map(|e| (e.name.clone(), e.digest.clone()))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
+        self.states.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Waits until no model is loading; returns the first failure, if any.
     pub async fn wait_until_loaded(&self) -> Result<(), ServingError> {
         loop {
             {
-                let states = self.states.lock().expect("serving state poisoned");
-                if let Some((name, Slot::Failed(reason))) =
-                    states.iter().find(|(_, s)| matches!(s, Slot::Failed(_)))
+                let states = self.lock();
+                if let Some(Entry {
+                    name,
+                    slot: Slot::Failed(reason),
+                    ..
+                }) = states.iter().find(|e| matches!(e.slot, Slot::Failed(_)))
                 {
                     return Err(ServingError::Load {
                         name: name.clone(),
                         reason: reason.clone(),
                     });
                 }
-                if !states.iter().any(|(_, s)| matches!(s, Slot::Loading)) {
+                if !states.iter().any(|e| matches!(e.slot, Slot::Loading)) {
                     return Ok(());
                 }
             }
@@ -204,11 +279,17 @@ impl Serving {
 
 impl ModelReporter for Serving {
     fn model_statuses(&self) -> Vec<ModelStatus> {
-        let states = self.states.lock().expect("serving state poisoned").clone();
+        let states = self.lock().clone();
         states
             .into_iter()
-            .map(|(name, slot)| {
+            .map(|Entry { name, digest, slot }| {
+                let (mut bytes_done, mut bytes_total) = (0, 0);
                 let (state, detail, stats) = match slot {
+                    Slot::Pulling { done, total } => {
+                        (bytes_done, bytes_total) = (done, total);
+                        (ModelState::Pulling, String::new(), None)
+                    }
+                    Slot::Verifying => (ModelState::Verifying, String::new(), None),
                     Slot::Loading => (ModelState::Loading, String::new(), None),
                     Slot::Ready(h) => (
                         ModelState::Ready,
@@ -219,10 +300,12 @@ impl ModelReporter for Serving {
                 };
                 ModelStatus {
                     name,
-                    digest: String::new(),
+                    digest,
                     state: state as i32,
                     detail,
                     stats,
+                    bytes_done,
+                    bytes_total,
                 }
             })
             .collect()

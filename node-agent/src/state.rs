@@ -131,6 +131,7 @@ mod tests {
             generation: 7,
             drain: true,
             models: vec![],
+            ..Default::default()
         };
         FileStateStore::new(dir.path()).save(&state).unwrap();
         let reopened = FileStateStore::new(dir.path());

@@ -288,6 +288,14 @@ impl Admin {
         ModelServiceClient::new(self.channel.clone()).max_decoding_message_size(16 << 20)
     }
 
+    pub fn deployments(
+        &self,
+    ) -> steward_proto::admin::v1::deployment_service_client::DeploymentServiceClient<Channel> {
+        steward_proto::admin::v1::deployment_service_client::DeploymentServiceClient::new(
+            self.channel.clone(),
+        )
+    }
+
     pub fn trust(&self) -> TrustServiceClient<Channel> {
         TrustServiceClient::new(self.channel.clone())
     }

@@ -294,6 +294,14 @@ impl Phase {
         Percentiles::of(self.samples.iter().filter_map(Sample::tpot).collect())
     }
 
+    /// One phase run in two parts (with other work between them): the samples of both, and
+    /// the sum of their wall times.
+    pub fn merge(mut self, other: Phase) -> Phase {
+        self.samples.extend(other.samples);
+        self.wall += other.wall;
+        self
+    }
+
     pub fn prompt_tokens(&self) -> Vec<u64> {
         self.samples.iter().map(|s| s.prompt_tokens).collect()
     }

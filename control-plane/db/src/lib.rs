@@ -6,6 +6,7 @@
 //! writes its audit event in the same transaction, so the audit log and the state it describes
 //! can never disagree.
 
+mod deployments;
 mod entity;
 mod records;
 mod registry;

@@ -102,6 +102,8 @@ pub struct NodeRecord {
     pub state_changed_at: UnixSeconds,
     pub certificate_serial: String,
     pub certificate_not_after: UnixSeconds,
+    /// The models the node was assigned, in deployment-name order.
+    pub desired_models: Vec<AssignedModel>,
 }
 
 /// What enrollment stores about a new node.
@@ -228,4 +230,35 @@ pub struct UnsignedAllowanceRecord {
     pub reason: String,
     pub created_at: UnixSeconds,
     pub created_by: String,
+}
+
+/// A deployment: a verified artifact to run on the nodes its selector matches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeploymentRecord {
+    /// Also the model name clients use in the OpenAI API.
+    pub name: String,
+    pub model_name: String,
+    pub model_version: String,
+    pub digest: String,
+    /// `key=value,…` over node labels, `name=NODE`, or `*` for every node.
+    pub selector: String,
+    pub replicas: u32,
+    pub slots: u32,
+    pub context_per_slot: u32,
+    /// Layers to offload to a GPU; -1: chosen by the agent from free VRAM.
+    pub gpu_layers: i32,
+    pub created_at: UnixSeconds,
+    pub updated_at: UnixSeconds,
+    pub created_by: String,
+}
+
+/// One model a node was assigned (the models part of its desired state), as the control
+/// plane decided it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AssignedModel {
+    pub deployment: String,
+    pub digest: String,
+    pub slots: u32,
+    pub context_per_slot: u32,
+    pub gpu_layers: i32,
 }

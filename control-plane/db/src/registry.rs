@@ -207,6 +207,18 @@ impl Store {
         Ok(stored.map(artifact_record))
     }
 
+    /// Digests of every revoked artifact, for agents to delete and refuse.
+    pub async fn revoked_artifact_digests(&self) -> Result<Vec<String>, DbError> {
+        Ok(artifact::Entity::find()
+            .filter(artifact::Column::RevokedAt.is_not_null())
+            .order_by_asc(artifact::Column::Digest)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|a| a.digest)
+            .collect())
+    }
+
     // ---- trust policy ------------------------------------------------------------------
 
     pub async fn list_trust_anchors(&self) -> Result<Vec<TrustAnchorRecord>, DbError> {

@@ -33,6 +33,8 @@ pub enum DbError {
     Corrupt { what: &'static str, detail: String },
     #[error("{0} not found")]
     NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// Handle to the control plane's database. Cheap to clone.
@@ -319,6 +321,7 @@ impl Store {
             cordoned: Set(false),
             draining: Set(false),
             labels: Set("{}".to_owned()),
+            desired_models: Set("[]".to_owned()),
             agent_version: Set(new.agent_version),
             inventory: Set("{}".to_owned()),
             desired_generation: Set(1),
@@ -698,7 +701,7 @@ fn token_record(m: enrollment_token::Model) -> EnrollmentTokenRecord {
     }
 }
 
-fn node_record(m: node::Model) -> Result<NodeRecord, DbError> {
+pub(crate) fn node_record(m: node::Model) -> Result<NodeRecord, DbError> {
     let state = NodeState::parse(&m.state).ok_or_else(|| DbError::Corrupt {
         what: "node state",
         detail: format!("node {} has state `{}`", m.id, m.state),
@@ -707,7 +710,12 @@ fn node_record(m: node::Model) -> Result<NodeRecord, DbError> {
         what: "node labels",
         detail: format!("node {}: {e}", m.id),
     })?;
+    let desired_models = serde_json::from_str(&m.desired_models).map_err(|e| DbError::Corrupt {
+        what: "node desired models",
+        detail: format!("node {}: {e}", m.id),
+    })?;
     Ok(NodeRecord {
+        desired_models,
         id: m.id,
         name: m.name,
         state,

@@ -1,5 +1,6 @@
 //! The `steward` admin CLI: argument parsing, the authenticated client, and rendering.
 
+mod deploy;
 mod models;
 pub mod render;
 
@@ -10,11 +11,12 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use steward_proto::admin::v1::admin_service_client::AdminServiceClient;
 use steward_proto::admin::v1::audit_service_client::AuditServiceClient;
+use steward_proto::admin::v1::deployment_service_client::DeploymentServiceClient;
 use steward_proto::admin::v1::model_service_client::ModelServiceClient;
 use steward_proto::admin::v1::trust_service_client::TrustServiceClient;
 use steward_proto::admin::v1::{
-    CreateEnrollmentTokenRequest, ListEnrollmentTokensRequest, ListNodesRequest, NodeRef,
-    RevokeEnrollmentTokenRequest,
+    CreateEnrollmentTokenRequest, LabelNodeRequest, ListEnrollmentTokensRequest, ListNodesRequest,
+    NodeRef, RevokeEnrollmentTokenRequest,
 };
 use steward_proto::transport::{ServerTrust, client_config, connect};
 use tonic::Request;
@@ -91,6 +93,9 @@ pub enum Command {
     /// The tamper-evident audit log: export and verify.
     #[command(subcommand)]
     Audit(models::AuditCommand),
+    /// Deployments: which verified model runs on which nodes.
+    #[command(subcommand)]
+    Deploy(deploy::DeployCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -105,6 +110,12 @@ pub enum NodesCommand {
     Uncordon { node: String },
     /// Cordon a node and tell its agent to drain.
     Drain { node: String },
+    /// Set labels (`key=value`) and remove them (`key-`); selectors match labels.
+    Label {
+        node: String,
+        #[arg(required = true)]
+        labels: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -143,6 +154,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(cmd) => models::run_model(&mut client, cmd, output).await?,
         Command::Trust(cmd) => models::run_trust(&mut client, cmd, output).await?,
         Command::Audit(_) => unreachable!("handled above"),
+        Command::Deploy(cmd) => deploy::run(&mut client, cmd, output).await?,
         Command::Nodes(cmd) => {
             let node_ref = |node: String| NodeRef { node };
             match cmd {
@@ -179,6 +191,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         .admin
                         .uncordon_node(client.request(node_ref(node)))
                         .await?;
+                    render_node(output, &node.into_inner())?
+                }
+                NodesCommand::Label { node, labels } => {
+                    let mut request = LabelNodeRequest {
+                        node,
+                        ..Default::default()
+                    };
+                    for label in labels {
+                        if let Some((key, value)) = label.split_once('=') {
+                            request.set.insert(key.to_owned(), value.to_owned());
+                        } else if let Some(key) = label.strip_suffix('-') {
+                            request.remove.push(key.to_owned());
+                        } else {
+                            anyhow::bail!("label `{label}` is neither `key=value` nor `key-`");
+                        }
+                    }
+                    let node = client.admin.label_node(client.request(request)).await?;
                     render_node(output, &node.into_inner())?
                 }
                 NodesCommand::Drain { node } => {
@@ -255,6 +284,7 @@ pub struct Client {
     pub models: ModelServiceClient<Channel>,
     pub trust: TrustServiceClient<Channel>,
     pub audit: AuditServiceClient<Channel>,
+    pub deployments: DeploymentServiceClient<Channel>,
     authorization: MetadataValue<tonic::metadata::Ascii>,
 }
 
@@ -284,7 +314,8 @@ impl Client {
             admin: AdminServiceClient::new(channel.clone()),
             models: ModelServiceClient::new(channel.clone()).max_decoding_message_size(16 << 20),
             trust: TrustServiceClient::new(channel.clone()),
-            audit: AuditServiceClient::new(channel),
+            audit: AuditServiceClient::new(channel.clone()),
+            deployments: DeploymentServiceClient::new(channel),
             authorization,
         })
     }

@@ -163,6 +163,11 @@ pub fn node_detail(node: &Node, now: i64) -> String {
     line("ID:", node.id.clone());
     line("State:", node_state(node).into());
     line("Scheduling:", scheduling(node).into());
+    if !node.labels.is_empty() {
+        let mut labels: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        labels.sort();
+        line("Labels:", labels.join(","));
+    }
     line(
         "Session:",
         if node.connected {
@@ -278,10 +283,30 @@ pub fn node_detail(node: &Node, now: i64) -> String {
 
 pub fn model_state(status: &ModelStatus) -> &'static str {
     match ModelState::try_from(status.state).unwrap_or(ModelState::Unspecified) {
+        ModelState::Pulling => "pulling",
+        ModelState::Verifying => "verifying",
         ModelState::Loading => "loading",
         ModelState::Ready => "ready",
         ModelState::Failed => "failed",
         ModelState::Unspecified => "unknown",
+    }
+}
+
+/// The state with pull progress or the failure reason: `pulling 45% (114 MB of 253 MB)`.
+pub fn model_state_text(m: &ModelStatus) -> String {
+    let state = model_state(m);
+    if m.state == ModelState::Pulling as i32 && m.bytes_total > 0 {
+        return format!(
+            "{state} {}% ({} of {})",
+            m.bytes_done * 100 / m.bytes_total,
+            bytes(m.bytes_done),
+            bytes(m.bytes_total)
+        );
+    }
+    if m.detail.is_empty() {
+        state.to_owned()
+    } else {
+        format!("{state}: {}", m.detail)
     }
 }
 
@@ -302,11 +327,7 @@ pub fn node_models_table(models: &[ModelStatus]) -> String {
     let ms = |s: f64| format!("{:.0} ms", s * 1000.0);
     for m in models {
         let st = m.stats.unwrap_or_default();
-        let state = if m.detail.is_empty() {
-            model_state(m).to_string()
-        } else {
-            format!("{}: {}", model_state(m), m.detail)
-        };
+        let state = model_state_text(m);
         t.add_row(vec![
             m.name.clone(),
             state,
@@ -582,4 +603,120 @@ mod tests {
         let out = node_detail(&n, 1000);
         assert!(out.contains("cpu (no GPU detected)"), "{out}");
     }
+}
+
+/// Deployments, one per line.
+pub fn deployments_table(deployments: &[steward_proto::admin::v1::Deployment]) -> String {
+    let mut t = table(&[
+        "NAME", "MODEL", "DIGEST", "SELECTOR", "REPLICAS", "READY", "SLOTS", "CTX",
+    ]);
+    for d in deployments {
+        let ready = d
+            .placed
+            .iter()
+            .filter(|r| {
+                r.status
+                    .as_ref()
+                    .is_some_and(|s| s.state == ModelState::Ready as i32 && s.digest == d.digest)
+            })
+            .count();
+        t.add_row(vec![
+            d.name.clone(),
+            format!("{}@{}", d.model_name, d.model_version),
+            short_digest(&d.digest),
+            d.selector.clone(),
+            format!(
+                "{}/{}{}",
+                d.placed.len(),
+                d.replicas,
+                if d.missing_replicas > 0 {
+                    " (unschedulable)"
+                } else {
+                    ""
+                }
+            ),
+            ready.to_string(),
+            d.slots.to_string(),
+            d.context_per_slot.to_string(),
+        ]);
+    }
+    t.to_string()
+}
+
+/// One deployment: its spec, where each replica runs and in which state, and why any
+/// replica could not be placed.
+pub fn deployment_detail(d: &steward_proto::admin::v1::Deployment) -> String {
+    let mut out = String::new();
+    let mut line = |k: &str, v: String| out.push_str(&format!("{k:<16}{v}\n"));
+    line("Name:", d.name.clone());
+    line("Model:", format!("{}@{}", d.model_name, d.model_version));
+    line("Digest:", d.digest.clone());
+    line("Selector:", d.selector.clone());
+    line("Replicas:", format!("{} wanted, {} placed", d.replicas, d.placed.len()));
+    line(
+        "Per replica:",
+        format!(
+            "{} slots × {} tokens, GPU layers {}",
+            d.slots,
+            d.context_per_slot,
+            if d.gpu_layers < 0 {
+                "auto".to_owned()
+            } else {
+                d.gpu_layers.to_string()
+            }
+        ),
+    );
+    line("Created by:", d.created_by.clone());
+    if !d.placed.is_empty() {
+        let mut t = table(&["NODE", "DIGEST", "STATE", "GEN TOK/S", "REQUESTS"]);
+        for r in &d.placed {
+            let (state, tps, requests) = match &r.status {
+                Some(s) => {
+                    let st = s.stats.unwrap_or_default();
+                    (
+                        model_state_text(s),
+                        format!("{:.1}", st.generation_tokens_per_second),
+                        st.requests_completed.to_string(),
+                    )
+                }
+                None => ("waiting for the agent".into(), "-".into(), "-".into()),
+            };
+            t.add_row(vec![
+                r.node_name.clone(),
+                short_digest(&r.digest),
+                state,
+                tps,
+                requests,
+            ]);
+        }
+        out.push_str("\nReplicas:\n");
+        out.push_str(&t.to_string());
+        out.push('\n');
+    }
+    if d.missing_replicas > 0 {
+        out.push_str(&format!(
+            "\nUnschedulable: {} replica(s)\n",
+            d.missing_replicas
+        ));
+        if d.unschedulable_reasons.is_empty() {
+            out.push_str("  no node matches the selector\n");
+        }
+        for reason in &d.unschedulable_reasons {
+            out.push_str(&format!("  {reason}\n"));
+        }
+    }
+    out
+}
+
+/// A deployment as JSON for scripts, with model states by name.
+pub fn deployment_json(d: &steward_proto::admin::v1::Deployment) -> serde_json::Value {
+    let mut value = serde_json::to_value(d).unwrap_or_default();
+    if let Some(placed) = value.get_mut("placed").and_then(|p| p.as_array_mut()) {
+        for (json, replica) in placed.iter_mut().zip(&d.placed) {
+            if let Some(status) = &replica.status {
+                json["status"]["state"] = model_state(status).into();
+            }
+        }
+    }
+    value
 }

@@ -8,21 +8,33 @@ use steward_proto::admin::v1::admin_service_server::AdminService;
 use steward_proto::admin::v1::{
     CreateEnrollmentTokenRequest, CreateEnrollmentTokenResponse, EnrollmentToken,
     ListEnrollmentTokensRequest, ListEnrollmentTokensResponse, ListNodesRequest, ListNodesResponse,
-    Node, NodeRef, RevokeEnrollmentTokenRequest,
+    LabelNodeRequest, Node, NodeRef, RevokeEnrollmentTokenRequest,
 };
 use tonic::{Request, Response, Status};
 
 use super::{convert, status};
+use crate::deployments::Deployments;
 use crate::fleet::{Actor, Fleet, now_unix};
 
 #[derive(Debug)]
 pub struct AdminApi {
     fleet: Arc<Fleet>,
+    deployments: Arc<Deployments>,
 }
 
 impl AdminApi {
-    pub fn new(fleet: Arc<Fleet>) -> Self {
-        Self { fleet }
+    pub fn new(fleet: Arc<Fleet>, deployments: Arc<Deployments>) -> Self {
+        Self { fleet, deployments }
+    }
+
+    /// Re-places replicas after a change to what placement depends on (cordon, drain,
+    /// labels); the node is read again for its new desired generation.
+    async fn replaced(&self, node: steward_db::NodeRecord) -> Result<Response<Node>, Status> {
+        if let Err(e) = self.deployments.reconcile().await {
+            tracing::error!(error = %steward_telemetry::chain(&e), "placement failed");
+        }
+        let node = self.fleet.require_node(&node.id).await.map_err(status)?;
+        Ok(Response::new(self.node(node)))
     }
 
     async fn authorize<T>(&self, request: &Request<T>) -> Result<Actor, Status> {
@@ -72,7 +84,7 @@ impl AdminService for AdminApi {
             .cordon(&actor, &Self::node_ref(&request)?)
             .await
             .map_err(status)?;
-        Ok(Response::new(self.node(node)))
+        self.replaced(node).await
     }
 
     async fn uncordon_node(&self, request: Request<NodeRef>) -> Result<Response<Node>, Status> {
@@ -82,7 +94,7 @@ impl AdminService for AdminApi {
             .uncordon(&actor, &Self::node_ref(&request)?)
             .await
             .map_err(status)?;
-        Ok(Response::new(self.node(node)))
+        self.replaced(node).await
     }
 
     async fn drain_node(&self, request: Request<NodeRef>) -> Result<Response<Node>, Status> {
@@ -92,7 +104,21 @@ impl AdminService for AdminApi {
             .drain(&actor, &Self::node_ref(&request)?)
             .await
             .map_err(status)?;
-        Ok(Response::new(self.node(node)))
+        self.replaced(node).await
+    }
+
+    async fn label_node(
+        &self,
+        request: Request<LabelNodeRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let actor = self.authorize(&request).await?;
+        let req = request.into_inner();
+        let node = self
+            .fleet
+            .label(&actor, req.node.trim(), req.set, &req.remove)
+            .await
+            .map_err(status)?;
+        self.replaced(node).await
     }
 
     async fn create_enrollment_token(

@@ -1,35 +1,49 @@
-//! `steward.agent.v1.AgentService`: enrollment, the session stream, certificate renewal.
+//! `steward.agent.v1.AgentService`: enrollment, the session stream, certificate renewal and
+//! artifact downloads.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use steward_proto::agent::v1::agent_service_server::AgentService;
 use steward_proto::agent::v1::{
-    AgentMessage, ControlMessage, EnrollRequest, EnrollResponse, HeartbeatAck,
-    RenewCertificateRequest, RenewCertificateResponse, agent_message, control_message,
+    AgentMessage, ArtifactChunk, ControlMessage, EnrollRequest, EnrollResponse,
+    FetchArtifactRequest, HeartbeatAck, RenewCertificateRequest, RenewCertificateResponse,
+    agent_message, control_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::status;
+use crate::deployments::Deployments;
 use crate::fleet::Fleet;
 use crate::pki::node_id_from_certificate;
+use crate::registry::Registry;
 use crate::sessions::{Outbound, SessionHandle};
 
 /// How long an agent may take to say Hello after opening a session.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 /// Outbound messages queued per session before the agent counts as not reading.
 const OUTBOUND_QUEUE: usize = 32;
+/// Bytes per artifact chunk sent to an agent.
+const ARTIFACT_CHUNK: usize = 1 << 20;
+/// Chunks read ahead of the network per download.
+const ARTIFACT_READ_AHEAD: usize = 4;
 
 #[derive(Debug)]
 pub struct AgentApi {
     fleet: Arc<Fleet>,
+    registry: Arc<Registry>,
+    deployments: Arc<Deployments>,
 }
 
 impl AgentApi {
-    pub fn new(fleet: Arc<Fleet>) -> Self {
-        Self { fleet }
+    pub fn new(fleet: Arc<Fleet>, registry: Arc<Registry>, deployments: Arc<Deployments>) -> Self {
+        Self {
+            fleet,
+            registry,
+            deployments,
+        }
     }
 
     /// The node ID from the verified client certificate. rustls has already checked the
@@ -89,8 +103,9 @@ impl AgentService for AgentApi {
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let fleet = self.fleet.clone();
+        let deployments = self.deployments.clone();
         tokio::spawn(async move {
-            if let Err(e) = run_session(&fleet, &node_id, inbound, tx).await {
+            if let Err(e) = run_session(&fleet, &deployments, &node_id, inbound, tx).await {
                 tracing::info!(node_id, reason = %e, "agent session ended");
             }
         });
@@ -112,11 +127,104 @@ impl AgentService for AgentApi {
             not_after_unix: issued.not_after_unix,
         }))
     }
+
+    type FetchArtifactStream = ReceiverStream<Result<ArtifactChunk, Status>>;
+
+    async fn fetch_artifact(
+        &self,
+        request: Request<FetchArtifactRequest>,
+    ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let node_id = self.authenticated_node(&request).await?;
+        let FetchArtifactRequest { digest, offset } = request.into_inner();
+        let node = self.fleet.require_node(&node_id).await.map_err(status)?;
+        if !node.desired_models.iter().any(|m| m.digest == digest) {
+            return Err(Status::permission_denied(format!(
+                "artifact {digest} is not assigned to node {}",
+                node.name
+            )));
+        }
+        let artifact = self
+            .fleet
+            .store
+            .find_artifact(&digest)
+            .await
+            .map_err(|e| Status::internal(steward_telemetry::chain(&e).to_string()))?
+            .ok_or_else(|| Status::not_found(format!("artifact {digest}")))?;
+        if artifact.revoked_at.is_some() {
+            return Err(Status::permission_denied(format!(
+                "artifact {digest} is revoked"
+            )));
+        }
+        if offset > artifact.size_bytes {
+            return Err(Status::out_of_range(format!(
+                "offset {offset} is past the end of artifact {digest} ({} bytes)",
+                artifact.size_bytes
+            )));
+        }
+        let digest = steward_artifact::digest::Sha256Hex::parse(&digest)
+            .ok_or_else(|| Status::internal(format!("stored digest `{digest}` is malformed")))?;
+        let path = self.registry.blobs.path_of(&digest);
+        let (tx, rx) = mpsc::channel(ARTIFACT_READ_AHEAD);
+        tracing::info!(node = %node.name, %digest, offset, "sending artifact");
+        let sent = self.fleet.metrics.artifact_bytes_sent.clone();
+        tokio::task::spawn_blocking(move || send_artifact(&path, offset, &tx, &sent));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// Reads `path` from `offset` to its end into chunks on a blocking thread; stops early when
+/// the agent goes away. The file is streamed from disk, never held whole in memory.
+fn send_artifact(
+    path: &std::path::Path,
+    mut offset: u64,
+    tx: &mpsc::Sender<Result<ArtifactChunk, Status>>,
+    sent: &prometheus_client::metrics::counter::Counter,
+) {
+    use std::io::{Read, Seek, SeekFrom};
+    let fail = |e: std::io::Error| {
+        tracing::error!(path = %path.display(), error = %e, "reading an artifact failed");
+        let _ = tx.blocking_send(Err(Status::internal(format!(
+            "reading the artifact failed: {e}"
+        ))));
+    };
+    let mut file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = file.seek(SeekFrom::Start(offset)) {
+        return fail(e);
+    }
+    loop {
+        let mut buf = bytes::BytesMut::zeroed(ARTIFACT_CHUNK);
+        let mut filled = 0;
+        while filled < ARTIFACT_CHUNK {
+            match file.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return fail(e),
+            }
+        }
+        if filled == 0 {
+            return;
+        }
+        buf.truncate(filled);
+        let chunk = ArtifactChunk {
+            offset,
+            data: buf.freeze(),
+        };
+        offset += filled as u64;
+        if tx.blocking_send(Ok(chunk)).is_err() {
+            return;
+        }
+        sent.inc_by(filled as u64);
+    }
 }
 
 /// Drives one agent session until the agent leaves, goes silent, or is replaced.
 async fn run_session(
     fleet: &Fleet,
+    deployments: &Deployments,
     node_id: &str,
     mut inbound: Streaming<AgentMessage>,
     outbound: Outbound,
@@ -145,14 +253,19 @@ async fn run_session(
         .await
         .map_err(|e| steward_telemetry::chain(&e).to_string())?;
     let session = fleet.sessions.open(node_id, outbound.clone());
-    let desired = Fleet::desired_state(&node);
+    // A node that comes back may take replicas that found no place while it was away.
+    deployments.trigger();
+    let desired = fleet
+        .desired_state(&node)
+        .await
+        .map_err(|e| steward_telemetry::chain(&e).to_string())?;
     let _ = outbound
         .send(Ok(ControlMessage {
             body: Some(control_message::Body::DesiredState(desired)),
         }))
         .await;
 
-    let result = session_loop(fleet, node_id, &session, &mut inbound, inventory).await;
+    let result = session_loop(fleet, deployments, node_id, &session, &mut inbound, inventory).await;
 
     if fleet.sessions.close(node_id, session.epoch)
         && let Err(e) = fleet.node_disconnected(node_id).await
@@ -164,6 +277,7 @@ async fn run_session(
 
 async fn session_loop(
     fleet: &Fleet,
+    deployments: &Deployments,
     node_id: &str,
     session: &SessionHandle,
     inbound: &mut Streaming<AgentMessage>,
@@ -210,6 +324,7 @@ async fn session_loop(
                         .await
                         .map_err(|e| steward_telemetry::chain(&e).to_string())?;
                     inventory = new;
+                    deployments.trigger();
                 }
             }
             Some(agent_message::Body::Ack(ack)) => {

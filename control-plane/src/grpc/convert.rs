@@ -21,6 +21,7 @@ pub fn node(record: NodeRecord, sessions: &SessionRegistry) -> admin::Node {
         name: record.name,
         cordoned: record.cordoned,
         draining: record.draining,
+        labels: record.labels.into_iter().collect(),
         agent_version: record.agent_version,
         inventory,
         desired_generation: record.desired_generation,

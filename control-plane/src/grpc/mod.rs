@@ -4,6 +4,7 @@ pub mod admin;
 pub mod agent;
 pub mod auth;
 mod convert;
+pub mod deployments;
 pub mod models;
 
 use tonic::Status;

@@ -14,11 +14,12 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::authorize;
 use crate::blobs::BlobError;
+use crate::deployments::Deployments;
 use crate::fleet::Fleet;
 use crate::registry::{PushHeader, Registry, RegistryError};
 use crate::trust::{KIND_CERTIFICATE_ROOT, TrustPolicy};
 
-fn status(err: &RegistryError) -> Status {
+pub(crate) fn status(err: &RegistryError) -> Status {
     let message = steward_telemetry::chain(err).to_string();
     match err {
         RegistryError::InvalidArgument(_)
@@ -105,11 +106,16 @@ fn anchor(a: steward_db::TrustAnchorRecord) -> wire::TrustAnchor {
 pub struct ModelApi {
     fleet: Arc<Fleet>,
     registry: Arc<Registry>,
+    deployments: Arc<Deployments>,
 }
 
 impl ModelApi {
-    pub fn new(fleet: Arc<Fleet>, registry: Arc<Registry>) -> Self {
-        Self { fleet, registry }
+    pub fn new(fleet: Arc<Fleet>, registry: Arc<Registry>, deployments: Arc<Deployments>) -> Self {
+        Self {
+            fleet,
+            registry,
+            deployments,
+        }
     }
 
     /// Streams the bytes after the header into the blob store and lets the registry decide.
@@ -262,6 +268,10 @@ impl ModelService for ModelApi {
             .revoke(&actor, req.digest.trim(), &req.reason)
             .await
             .map_err(|e| status(&e))?;
+        // Agents stop serving it and delete it with their next desired state.
+        if let Err(e) = self.deployments.reconcile().await {
+            tracing::error!(error = %steward_telemetry::chain(&e), "placement after a revocation failed");
+        }
         Ok(Response::new(model(revoked.remove(0))))
     }
 }
@@ -270,11 +280,22 @@ impl ModelService for ModelApi {
 pub struct TrustApi {
     fleet: Arc<Fleet>,
     registry: Arc<Registry>,
+    deployments: Arc<Deployments>,
 }
 
 impl TrustApi {
-    pub fn new(fleet: Arc<Fleet>, registry: Arc<Registry>) -> Self {
-        Self { fleet, registry }
+    pub fn new(fleet: Arc<Fleet>, registry: Arc<Registry>, deployments: Arc<Deployments>) -> Self {
+        Self {
+            fleet,
+            registry,
+            deployments,
+        }
+    }
+
+    /// The policy after a change; deployments it no longer trusts are re-placed.
+    async fn changed(&self) -> Result<Response<wire::TrustPolicy>, Status> {
+        self.deployments.trigger();
+        self.current().await
     }
 
     async fn current(&self) -> Result<Response<wire::TrustPolicy>, Status> {
@@ -320,6 +341,7 @@ impl TrustService for TrustApi {
             )
             .await
             .map_err(|e| status(&e))?;
+        self.deployments.trigger();
         Ok(Response::new(anchor(record)))
     }
 
@@ -332,7 +354,7 @@ impl TrustService for TrustApi {
             .remove_anchor(&actor, request.get_ref().id.trim())
             .await
             .map_err(|e| status(&e))?;
-        self.current().await
+        self.changed().await
     }
 
     async fn allow_unsigned(
@@ -345,7 +367,7 @@ impl TrustService for TrustApi {
             .allow_unsigned(&actor, &req.name_pattern, &req.reason)
             .await
             .map_err(|e| status(&e))?;
-        self.current().await
+        self.changed().await
     }
 
     async fn disallow_unsigned(
@@ -357,7 +379,7 @@ impl TrustService for TrustApi {
             .disallow_unsigned(&actor, request.get_ref().name_pattern.trim())
             .await
             .map_err(|e| status(&e))?;
-        self.current().await
+        self.changed().await
     }
 }
 

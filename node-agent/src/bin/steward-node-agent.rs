@@ -87,9 +87,15 @@ struct InferenceArgs {
     /// text, instead of the one in the GGUF.
     #[arg(long)]
     chat_template: Option<String>,
-    /// Where the OpenAI-compatible API and /metrics listen.
-    #[arg(long, env = "STEWARD_API_LISTEN", default_value = "127.0.0.1:8080")]
-    api_listen: SocketAddr,
+    /// Where the OpenAI-compatible API and /metrics listen (default 127.0.0.1:8080). An
+    /// agent serves models (its own --model, or deployments) only when one of the two is
+    /// given.
+    #[arg(long, env = "STEWARD_API_LISTEN")]
+    api_listen: Option<SocketAddr>,
+    /// Disk the artifact cache may use, in GiB, before artifacts no deployment needs are
+    /// evicted (least recently used first).
+    #[arg(long, default_value_t = 100.0)]
+    cache_budget_gib: f64,
     /// API keys clients must present (comma-separated in the environment). Without one,
     /// a key is generated into <data dir>/api-key.
     #[arg(
@@ -103,7 +109,16 @@ struct InferenceArgs {
 
 impl InferenceArgs {
     fn serving(&self) -> Option<ServingConfig> {
-        let path = self.model.clone()?;
+        let listen = self
+            .api_listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let Some(path) = self.model.clone() else {
+            return self.api_listen.map(|listen| ServingConfig {
+                listen,
+                api_keys: self.api_keys.clone(),
+                models: Vec::new(),
+            });
+        };
         let name = self.model_name.clone().unwrap_or_else(|| {
             path.file_stem()
                 .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned())
@@ -118,7 +133,7 @@ impl InferenceArgs {
             ..ModelConfig::new(name, path)
         };
         Some(ServingConfig {
-            listen: self.api_listen,
+            listen,
             api_keys: self.api_keys.clone(),
             models: vec![model],
         })
@@ -199,6 +214,8 @@ async fn main() -> std::process::ExitCode {
             config.name = a.name;
             config.heartbeat_interval = a.heartbeat_interval;
             config.serving = a.inference.serving();
+            config.threads = a.inference.threads;
+            config.cache_budget_bytes = (a.inference.cache_budget_gib.max(0.0) * (1u64 << 30) as f64) as u64;
             run(config, shutdown).await.map_err(anyhow::Error::from)
         }
     };
@@ -216,6 +233,7 @@ async fn serve(args: ServeArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let config = args
         .inference
         .serving()
+        .filter(|c| !c.models.is_empty())
         .context("`serve` needs a model: pass --model PATH")?;
     let inventory = HostProbe::new(&args.data_dir).inventory().await;
     let serving = Serving::start(config, &args.data_dir, &inventory, shutdown.clone()).await?;

@@ -5,7 +5,9 @@
 //! - [`gguf`]: a strict, bounded GGUF header reader (no llama.cpp) that refuses malformed
 //!   files and extracts the facts used for display and placement.
 //! - [`signing`]: OpenSSF model signing v1.0 bundles (Sigstore bundle, DSSE, in-toto).
+//! - [`policy`]: which anchors may sign which model names; the same decision on both sides.
 
 pub mod digest;
 pub mod gguf;
+pub mod policy;
 pub mod signing;

@@ -2,13 +2,14 @@
 //! thread count, in one run, printing ratios.
 //!
 //! 1. `llama-bench -p 512 -n 128`: the engine-only bounds, pp512 and tg128.
-//! 2. For each slot count (1, 4, 8), `llama-server -np N` and then `steward-node-agent serve
-//!    --slots N`, one at a time, each driven by the same streaming requests
+//! 2. For each slot count (1, 4, 8), `llama-server -np N` and `steward-node-agent serve
+//!    --slots N`, both up at once and driven alternately by the same streaming requests
 //!    (`steward_tests::openai_load`): with one slot, a ~512-token prompt with `max_tokens: 1`
 //!    (prompt t/s = `usage.prompt_tokens` ÷ TTFT) and a short prompt with `max_tokens: 128`
-//!    (single-stream decode t/s); then C concurrent clients (C=1 on 1 slot, C=2 and 4 on 4
-//!    slots, C=8 on 8 slots), each sending requests back to back: aggregate generation t/s,
-//!    TTFT and TPOT p50/p99.
+//!    (single-stream decode t/s), alternating request by request, with a one-repetition
+//!    `llama-bench` before each pair; then C concurrent clients (C=1 on 1 slot, C=2 and 4 on
+//!    4 slots, C=8 on 8 slots), each sending requests back to back, in halves ordered A B B A:
+//!    aggregate generation t/s, TTFT and TPOT p50/p99.
 //!
 //! Every prompt starts with its own number, so no server can answer from a prompt cache, and
 //! both servers get the very same prompts (their `usage.prompt_tokens` are compared).
@@ -246,10 +247,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut measured: BTreeMap<Side, Measured> = BTreeMap::new();
     for (&slots, clients) in &groups {
-        for &side in &sides {
-            let m = measured.entry(side).or_default();
-            Box::pin(state.measure(side, slots, clients, m)).await?;
-        }
+        Box::pin(state.measure_group(&sides, slots, clients, &mut measured)).await?;
     }
 
     let table = state.table(&bench, &measured);
@@ -387,31 +385,60 @@ impl Bench {
         Ok((server, target))
     }
 
-    async fn measure(
+    /// Measures one slot count with every side's server up at once, alternating between
+    /// them request by request (single stream) and in ABBA halves (load phases), so that
+    /// both sides see the same machine: on a shared VM speed drifts by several percent over
+    /// minutes, more than the differences being measured.
+    async fn measure_group(
         &mut self,
-        side: Side,
+        sides: &[Side],
         slots: usize,
         clients: &[usize],
-        into: &mut Measured,
+        measured: &mut BTreeMap<Side, Measured>,
     ) -> anyhow::Result<()> {
-        let (server, target) = self.start(side, slots).await?;
+        let mut servers = Vec::new();
+        for &side in sides {
+            let (server, target) = self.start(side, slots).await?;
+            servers.push((side, server, target));
+        }
+        let result = self.measure_running(&servers, slots, clients, measured).await;
+        for (_, server, _) in servers {
+            server.stop().await?;
+        }
+        result
+    }
+
+    async fn measure_running(
+        &mut self,
+        servers: &[(Side, Server, Target)],
+        slots: usize,
+        clients: &[usize],
+        measured: &mut BTreeMap<Side, Measured>,
+    ) -> anyhow::Result<()> {
         let http = self.http.clone();
-        // Warm-up, not measured.
-        openai_load::stream_one(
-            &http,
-            &target,
-            &Request {
+        for (side, _, target) in servers {
+            // Warm-up, not measured.
+            let warm_up = Request {
                 prompt: prompt(999_999, 16),
                 max_tokens: 16,
-            },
-        )
-        .await
-        .with_context(|| format!("{}: warm-up request", side.label()))?;
+            };
+            openai_load::stream_one(&http, target, &warm_up)
+                .await
+                .with_context(|| format!("{}: warm-up request", side.label()))?;
+        }
+        // Even repetitions go in the listed order, odd ones reversed (ABBA over two reps).
+        let ordered = |rep: usize| -> Vec<&(Side, Server, Target)> {
+            if rep % 2 == 0 {
+                servers.iter().collect()
+            } else {
+                servers.iter().rev().collect()
+            }
+        };
 
         if slots == 1 {
-            let words = self.pp_words(&target).await?;
+            let words = self.pp_words(&servers[0].2).await?;
             for rep in 0..self.args.reps {
-                if side == Side::Ours {
+                if servers.iter().any(|(side, _, _)| *side == Side::Ours) {
                     let a = &self.args;
                     let b = openai_load::llama_bench(
                         &a.llama_bench,
@@ -424,49 +451,79 @@ impl Bench {
                     .await?;
                     self.interleaved.push(b);
                 }
-                let request = Request {
-                    prompt: prompt(1_000 + rep, words),
-                    max_tokens: 1,
-                };
-                into.pp
-                    .push(openai_load::stream_one(&http, &target, &request).await?);
-                let request = Request {
-                    prompt: prompt(2_000 + rep, 8),
-                    max_tokens: self.args.max_tokens,
-                };
-                into.tg
-                    .push(openai_load::stream_one(&http, &target, &request).await?);
+                for (side, _, target) in ordered(rep) {
+                    let request = Request {
+                        prompt: prompt(1_000 + rep, words),
+                        max_tokens: 1,
+                    };
+                    let sample = openai_load::stream_one(&http, target, &request).await?;
+                    measured.entry(*side).or_default().pp.push(sample);
+                }
+                for (side, _, target) in ordered(rep + 1) {
+                    let request = Request {
+                        prompt: prompt(2_000 + rep, 8),
+                        max_tokens: self.args.max_tokens,
+                    };
+                    let sample = openai_load::stream_one(&http, target, &request).await?;
+                    measured.entry(*side).or_default().tg.push(sample);
+                }
             }
-            eprintln!(
-                "  prompt {:.1} t/s ({} tokens), decode {:.1} t/s",
-                median(into.pp.iter().map(Sample::prompt_tps)).unwrap_or(0.0),
-                into.pp[0].prompt_tokens,
-                median(into.tg.iter().filter_map(Sample::decode_tps)).unwrap_or(0.0),
-            );
+            for (side, _, _) in servers {
+                let m = &measured[side];
+                eprintln!(
+                    "  {}: prompt {:.1} t/s ({} tokens), decode {:.1} t/s",
+                    side.label(),
+                    median(m.pp.iter().map(Sample::prompt_tps)).unwrap_or(0.0),
+                    m.pp[0].prompt_tokens,
+                    median(m.tg.iter().filter_map(Sample::decode_tps)).unwrap_or(0.0),
+                );
+            }
         }
         for &c in clients {
-            let per_client = self.args.requests.div_ceil(c).max(2);
+            // Two halves per side, A B B A: a drift over the phase weighs on both alike.
+            let per_half = self.args.requests.div_ceil(c).max(2).div_ceil(2);
             let (words, max_tokens) = (self.args.prompt_words, self.args.max_tokens);
-            let phase =
-                openai_load::run_phase(&http, &target, c, per_client, |client, i| Request {
-                    prompt: prompt(c * 10_000 + client * 1_000 + i, words),
-                    max_tokens,
-                })
-                .await
-                .with_context(|| format!("{}: {c} clients", side.label()))?;
-            let (ttft, tpot) = (phase.ttft(), phase.tpot());
-            eprintln!(
-                "  {c} client(s) × {per_client}: {:.1} t/s aggregate, TTFT p50 {:.0?} p99 {:.0?}, \
-                 TPOT p50 {:.1?} p99 {:.1?}",
-                phase.aggregate_tps(),
-                ttft.p50,
-                ttft.p99,
-                tpot.p50,
-                tpot.p99
-            );
-            into.phases.insert(c, phase);
+            let mut halves: BTreeMap<Side, Phase> = BTreeMap::new();
+            for half in 0..2 {
+                for (side, _, target) in ordered(half) {
+                    let phase = openai_load::run_phase(
+                        &http,
+                        target,
+                        c,
+                        per_half,
+                        |client, i| Request {
+                            prompt: prompt(
+                                c * 10_000 + client * 1_000 + half * per_half + i,
+                                words,
+                            ),
+                            max_tokens,
+                        },
+                    )
+                    .await
+                    .with_context(|| format!("{}: {c} clients", side.label()))?;
+                    match halves.remove(side) {
+                        Some(first) => halves.insert(*side, first.merge(phase)),
+                        None => halves.insert(*side, phase),
+                    };
+                }
+            }
+            for (side, phase) in halves {
+                let (ttft, tpot) = (phase.ttft(), phase.tpot());
+                eprintln!(
+                    "  {}: {c} client(s) × {}: {:.1} t/s aggregate, TTFT p50 {:.0?} p99 {:.0?}, \
+                     TPOT p50 {:.1?} p99 {:.1?}",
+                    side.label(),
+                    2 * per_half,
+                    phase.aggregate_tps(),
+                    ttft.p50,
+                    ttft.p99,
+                    tpot.p50,
+                    tpot.p99
+                );
+                measured.entry(side).or_default().phases.insert(c, phase);
+            }
         }
-        server.stop().await
+        Ok(())
     }
 
     /// Finds (once, on the first server) how many words make a `pp_tokens`-token prompt.
@@ -514,7 +571,7 @@ impl Bench {
                     "C={c}: {} slot(s), {}×{}",
                     slots_for(c),
                     c,
-                    args.requests.div_ceil(c).max(2)
+                    2 * args.requests.div_ceil(c).max(2).div_ceil(2)
                 )
             })
             .collect();

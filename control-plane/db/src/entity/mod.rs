@@ -4,6 +4,7 @@ pub mod admin_credential;
 pub mod artifact;
 pub mod audit_event;
 pub mod certificate_authority;
+pub mod deployment;
 pub mod enrollment_token;
 pub mod model_version;
 pub mod node;

@@ -21,6 +21,9 @@ pub struct Model {
     pub state_changed_at: i64,
     pub certificate_serial: String,
     pub certificate_not_after: i64,
+    /// JSON array of the node's assigned models (see `AssignedModel`).
+    #[sea_orm(column_type = "Text")]
+    pub desired_models: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -1,0 +1,516 @@
+//! Deployments: which verified model runs where. Creating, changing or deleting one (and any
+//! change to the nodes placement depends on) re-runs placement, stores every node's
+//! assigned models with a new desired generation where they changed, and pushes the new
+//! desired state to connected agents.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::json;
+use steward_artifact::digest::Sha256Hex;
+use steward_artifact::gguf::GgufFacts;
+use steward_db::{ArtifactRecord, DeploymentRecord, ModelRecord, NodeRecord, NodeState};
+use steward_proto::agent::v1::{Inventory, ModelStatus};
+use tokio::sync::Mutex;
+
+use crate::fleet::{Actor, Fleet, FleetError, audit, now_unix};
+use crate::placement::{Demand, NodeView, Placement, Selector, Strategy, place};
+use crate::registry::{Registry, RegistryError};
+use crate::trust::TrustPolicy;
+
+/// Bounds on what a deployment may ask for.
+const MAX_REPLICAS: u32 = 1024;
+const MAX_SLOTS: u32 = 256;
+const MIN_CONTEXT: u32 = 128;
+const MAX_CONTEXT: u32 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("model {reference} cannot be deployed: {reason}")]
+    Refused { reference: String, reason: String },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Fleet(#[from] FleetError),
+    #[error("storage failed")]
+    Db(#[source] steward_db::DbError),
+}
+
+impl From<steward_db::DbError> for DeployError {
+    fn from(e: steward_db::DbError) -> Self {
+        match e {
+            steward_db::DbError::NotFound(what) => Self::NotFound(what),
+            steward_db::DbError::Conflict(what) => Self::AlreadyExists(what),
+            other => Self::Db(other),
+        }
+    }
+}
+
+/// What an admin asks for; `None` keeps the current value on update.
+#[derive(Clone, Debug, Default)]
+pub struct DeploymentSpec {
+    pub model: Option<String>,
+    pub selector: Option<String>,
+    pub replicas: Option<u32>,
+    pub slots: Option<u32>,
+    pub context_per_slot: Option<u32>,
+    pub gpu_layers: Option<i32>,
+}
+
+/// A deployment with where it runs and how each replica is doing.
+#[derive(Clone, Debug)]
+pub struct DeploymentStatus {
+    pub record: DeploymentRecord,
+    pub replicas: Vec<ReplicaStatus>,
+    pub missing_replicas: u32,
+    /// Why the missing replicas could not be placed (`node: reason`).
+    pub unschedulable_reasons: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ReplicaStatus {
+    pub node_id: String,
+    pub node_name: String,
+    pub digest: String,
+    /// What the agent last reported for this model; `None` before its first report.
+    pub model: Option<ModelStatus>,
+}
+
+#[derive(Debug)]
+pub struct Deployments {
+    fleet: Arc<Fleet>,
+    registry: Arc<Registry>,
+    strategy: Strategy,
+    /// One placement at a time, so two changes cannot interleave their writes.
+    placing: Mutex<Placement>,
+    /// Wakes [`Deployments::run`] for a placement that nobody waits for.
+    wake: tokio::sync::Notify,
+}
+
+impl Deployments {
+    pub fn new(fleet: Arc<Fleet>, registry: Arc<Registry>, strategy: Strategy) -> Self {
+        Self {
+            fleet,
+            registry,
+            strategy,
+            placing: Mutex::new(Placement::default()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Asks for a placement soon (a node connected, its inventory changed); many requests
+    /// made while one runs coalesce into one more.
+    pub fn trigger(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Places once at start (what changed while the control plane was down), then whenever
+    /// triggered, until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            if let Err(e) = self.reconcile().await {
+                tracing::error!(error = %steward_telemetry::chain(&e), "placement failed");
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = self.wake.notified() => {}
+            }
+        }
+    }
+
+    pub async fn create(
+        &self,
+        actor: &Actor,
+        name: &str,
+        spec: DeploymentSpec,
+    ) -> Result<DeploymentStatus, DeployError> {
+        check_deployment_name(name)?;
+        let reference = spec
+            .model
+            .clone()
+            .ok_or_else(|| DeployError::InvalidArgument("--model is required".into()))?;
+        let model = match self.deployable(&reference).await {
+            Ok(model) => model,
+            Err(e) => return Err(self.refused(actor, "deployment.create", name, e).await),
+        };
+        let now = now_unix();
+        let record = DeploymentRecord {
+            name: name.to_owned(),
+            model_name: model.name.clone(),
+            model_version: model.version.clone(),
+            digest: model.artifact.digest.clone(),
+            selector: spec.selector.clone().unwrap_or_else(|| "*".into()),
+            replicas: spec.replicas.unwrap_or(1),
+            slots: spec.slots.unwrap_or(4),
+            context_per_slot: spec.context_per_slot.unwrap_or(4096),
+            gpu_layers: spec.gpu_layers.unwrap_or(-1),
+            created_at: now,
+            updated_at: now,
+            created_by: actor.to_string(),
+        };
+        check_record(&record)?;
+        let event = audit(
+            actor,
+            "deployment.create",
+            name,
+            "success",
+            deployment_details(&record),
+        );
+        self.fleet.store.insert_deployment(&record, event).await?;
+        self.reconcile().await?;
+        self.status(name).await
+    }
+
+    pub async fn update(
+        &self,
+        actor: &Actor,
+        name: &str,
+        spec: DeploymentSpec,
+    ) -> Result<DeploymentStatus, DeployError> {
+        let mut record = self.get(name).await?;
+        let previous_digest = record.digest.clone();
+        if let Some(reference) = &spec.model {
+            let model = match self.deployable(reference).await {
+                Ok(model) => model,
+                Err(e) => return Err(self.refused(actor, "deployment.update", name, e).await),
+            };
+            record.model_name = model.name;
+            record.model_version = model.version;
+            record.digest = model.artifact.digest;
+        }
+        if let Some(selector) = spec.selector {
+            record.selector = selector;
+        }
+        record.replicas = spec.replicas.unwrap_or(record.replicas);
+        record.slots = spec.slots.unwrap_or(record.slots);
+        record.context_per_slot = spec.context_per_slot.unwrap_or(record.context_per_slot);
+        record.gpu_layers = spec.gpu_layers.unwrap_or(record.gpu_layers);
+        record.updated_at = now_unix();
+        check_record(&record)?;
+        let mut details = deployment_details(&record);
+        details["previous_digest"] = json!(previous_digest);
+        let event = audit(actor, "deployment.update", name, "success", details);
+        self.fleet.store.update_deployment(&record, event).await?;
+        self.reconcile().await?;
+        self.status(name).await
+    }
+
+    pub async fn delete(&self, actor: &Actor, name: &str) -> Result<(), DeployError> {
+        let event = audit(actor, "deployment.delete", name, "success", json!({}));
+        self.fleet.store.delete_deployment(name, event).await?;
+        self.reconcile().await?;
+        Ok(())
+    }
+
+    pub async fn list(&self) -> Result<Vec<DeploymentStatus>, DeployError> {
+        let placement = self.placing.lock().await.clone();
+        let nodes = self.fleet.list_nodes().await?;
+        let mut out = Vec::new();
+        for record in self.fleet.store.list_deployments().await? {
+            out.push(self.status_of(record, &placement, &nodes));
+        }
+        Ok(out)
+    }
+
+    pub async fn status(&self, name: &str) -> Result<DeploymentStatus, DeployError> {
+        let record = self.get(name).await?;
+        let placement = self.placing.lock().await.clone();
+        let nodes = self.fleet.list_nodes().await?;
+        Ok(self.status_of(record, &placement, &nodes))
+    }
+
+    async fn get(&self, name: &str) -> Result<DeploymentRecord, DeployError> {
+        self.fleet
+            .store
+            .get_deployment(name)
+            .await?
+            .ok_or_else(|| DeployError::NotFound(format!("deployment `{name}`")))
+    }
+
+    fn status_of(
+        &self,
+        record: DeploymentRecord,
+        placement: &Placement,
+        nodes: &[NodeRecord],
+    ) -> DeploymentStatus {
+        let mut replicas = Vec::new();
+        for node in nodes {
+            for assigned in &node.desired_models {
+                if assigned.deployment != record.name {
+                    continue;
+                }
+                let model = self
+                    .fleet
+                    .sessions
+                    .models(&node.id)
+                    .into_iter()
+                    .find(|m| m.name == record.name);
+                replicas.push(ReplicaStatus {
+                    node_id: node.id.clone(),
+                    node_name: node.name.clone(),
+                    digest: assigned.digest.clone(),
+                    model,
+                });
+            }
+        }
+        let unschedulable = placement.unschedulable.get(&record.name);
+        DeploymentStatus {
+            missing_replicas: unschedulable.map_or(0, |u| u.missing_replicas),
+            unschedulable_reasons: unschedulable.map(|u| u.reasons.clone()).unwrap_or_default(),
+            replicas,
+            record,
+        }
+    }
+
+    /// The single model `reference` names, if it may be deployed: not revoked, and still
+    /// trusted under the current policy.
+    async fn deployable(&self, reference: &str) -> Result<ModelRecord, DeployError> {
+        let refused = |reason: String| DeployError::Refused {
+            reference: reference.to_owned(),
+            reason,
+        };
+        let mut models = self.registry.resolve(reference).await?;
+        let model = models.remove(0);
+        let artifact = &model.artifact;
+        if artifact.revoked_at.is_some() {
+            return Err(refused(format!(
+                "artifact {} is revoked ({})",
+                artifact.digest,
+                artifact.revoked_reason.as_deref().unwrap_or("no reason")
+            )));
+        }
+        let policy = TrustPolicy::load(&self.fleet.store).await?;
+        trusted(&policy, &model).map_err(refused)?;
+        Ok(model)
+    }
+
+    async fn refused(
+        &self,
+        actor: &Actor,
+        action: &str,
+        name: &str,
+        error: DeployError,
+    ) -> DeployError {
+        let event = audit(
+            actor,
+            action,
+            name,
+            "refused",
+            json!({"reason": steward_telemetry::chain(&error).to_string()}),
+        );
+        if let Err(e) = self.fleet.store.append_audit(event).await {
+            tracing::error!(error = %steward_telemetry::chain(&e), "could not audit a refused deployment");
+        }
+        error
+    }
+
+    /// Re-runs placement over every node and deployment, stores each node's assigned
+    /// models (bumping its desired generation where they changed) and pushes the new
+    /// desired state to the agents that are connected.
+    pub async fn reconcile(&self) -> Result<(), DeployError> {
+        let mut last = self.placing.lock().await;
+        let nodes = self.fleet.list_nodes().await?;
+        let records = self.fleet.store.list_deployments().await?;
+        let policy = TrustPolicy::load(&self.fleet.store).await?;
+        let mut demands = Vec::new();
+        let mut refused: BTreeMap<String, String> = BTreeMap::new();
+        for d in &records {
+            match self.demand(d, &policy).await {
+                Ok(demand) => demands.push(demand),
+                Err(reason) => {
+                    refused.insert(d.name.clone(), reason);
+                }
+            }
+        }
+        let views: Vec<NodeView> = nodes.iter().map(node_view).collect();
+        let mut placement = place(&views, &demands, self.strategy);
+        for (name, reason) in refused {
+            let replicas = records
+                .iter()
+                .find(|d| d.name == name)
+                .map_or(0, |d| d.replicas);
+            placement.unschedulable.insert(
+                name,
+                crate::placement::Unschedulable {
+                    missing_replicas: replicas,
+                    reasons: vec![reason],
+                },
+            );
+        }
+        for node in &nodes {
+            let models = placement.nodes.get(&node.id).cloned().unwrap_or_default();
+            if models == node.desired_models {
+                continue;
+            }
+            let event = audit(
+                &Actor::System,
+                "node.assign",
+                &node.id,
+                "success",
+                json!({
+                    "node": node.name,
+                    "models": models.iter().map(|m| json!({"deployment": m.deployment, "digest": m.digest})).collect::<Vec<_>>(),
+                }),
+            );
+            if let Some(updated) = self
+                .fleet
+                .store
+                .set_node_desired_models(&node.id, &models, event)
+                .await?
+            {
+                tracing::info!(node = %updated.name, generation = updated.desired_generation, models = models.len(), "node assignment changed");
+                if self.fleet.sessions.get(&updated.id).is_some() {
+                    let desired = self.fleet.desired_state(&updated).await?;
+                    self.fleet.sessions.push_desired_state(&updated.id, desired);
+                }
+            }
+        }
+        *last = placement;
+        Ok(())
+    }
+
+    /// What placing `d` takes, or why it cannot be placed at all.
+    async fn demand(&self, d: &DeploymentRecord, policy: &TrustPolicy) -> Result<Demand, String> {
+        let selector = Selector::parse(&d.selector)?;
+        let artifact = self
+            .fleet
+            .store
+            .find_artifact(&d.digest)
+            .await
+            .map_err(|e| steward_telemetry::chain(&e).to_string())?
+            .ok_or_else(|| format!("artifact {} is not in the registry", d.digest))?;
+        if artifact.revoked_at.is_some() {
+            return Err(format!(
+                "artifact {} is revoked ({})",
+                d.digest,
+                artifact.revoked_reason.as_deref().unwrap_or("no reason")
+            ));
+        }
+        let model = ModelRecord {
+            name: d.model_name.clone(),
+            version: d.model_version.clone(),
+            created_at: 0,
+            created_by: String::new(),
+            artifact: artifact.clone(),
+        };
+        trusted(policy, &model)?;
+        Ok(Demand {
+            deployment: d.name.clone(),
+            digest: d.digest.clone(),
+            selector,
+            replicas: d.replicas,
+            slots: d.slots,
+            context_per_slot: d.context_per_slot,
+            gpu_layers: d.gpu_layers,
+            memory_bytes: memory_needed(&artifact, d.slots, d.context_per_slot),
+            size_bytes: artifact.size_bytes,
+        })
+    }
+}
+
+/// Whether `model` verifies under `policy` now (anchors may have been removed since push).
+fn trusted(policy: &TrustPolicy, model: &ModelRecord) -> Result<(), String> {
+    let artifact = &model.artifact;
+    let digest = Sha256Hex::parse(&artifact.digest)
+        .ok_or_else(|| format!("stored digest `{}` is malformed", artifact.digest))?;
+    policy
+        .evaluate(
+            &model.name,
+            &[(artifact.file_name.clone(), digest)],
+            Some(artifact.signature_bundle.as_bytes()),
+        )
+        .map(|_| ())
+        .map_err(|e| format!("not trusted: {}", steward_telemetry::chain(&e)))
+}
+
+/// The GGUF load estimate plus the KV cache for `slots × context` tokens.
+pub fn memory_needed(artifact: &ArtifactRecord, slots: u32, context_per_slot: u32) -> u64 {
+    let facts: Option<GgufFacts> = serde_json::from_str(&artifact.gguf_facts_json).ok();
+    let tokens = u64::from(slots) * u64::from(context_per_slot);
+    match facts {
+        Some(f) => f
+            .estimated_load_bytes
+            .saturating_add(f.kv_cache_bytes(tokens).unwrap_or(0)),
+        None => artifact.size_bytes,
+    }
+}
+
+fn node_view(node: &NodeRecord) -> NodeView {
+    let inventory: Inventory = serde_json::from_str(&node.inventory_json).unwrap_or_default();
+    NodeView {
+        id: node.id.clone(),
+        name: node.name.clone(),
+        labels: node.labels.clone(),
+        ready: node.state == NodeState::Ready,
+        cordoned: node.cordoned,
+        draining: node.draining,
+        memory_total_bytes: inventory.memory_total_bytes,
+        gpu_memory_bytes: inventory
+            .gpus
+            .iter()
+            .map(|g| g.memory_total_bytes)
+            .max()
+            .unwrap_or(0),
+        disk_free_bytes: inventory.disk_free_bytes,
+        assigned: node.desired_models.clone(),
+    }
+}
+
+fn deployment_details(d: &DeploymentRecord) -> serde_json::Value {
+    json!({
+        "model": format!("{}@{}", d.model_name, d.model_version),
+        "digest": d.digest,
+        "selector": d.selector,
+        "replicas": d.replicas,
+        "slots": d.slots,
+        "context_per_slot": d.context_per_slot,
+        "gpu_layers": d.gpu_layers,
+    })
+}
+
+fn check_deployment_name(name: &str) -> Result<(), DeployError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with(['.', '-']);
+    if ok {
+        Ok(())
+    } else {
+        Err(DeployError::InvalidArgument(format!(
+            "deployment name `{name}` must be 1-64 letters, digits and `-_.` \
+             (it is also the model name clients use)"
+        )))
+    }
+}
+
+fn check_record(d: &DeploymentRecord) -> Result<(), DeployError> {
+    Selector::parse(&d.selector).map_err(DeployError::InvalidArgument)?;
+    let invalid = |m: String| Err(DeployError::InvalidArgument(m));
+    if d.replicas == 0 || d.replicas > MAX_REPLICAS {
+        return invalid(format!("--replicas must be 1-{MAX_REPLICAS}, got {}", d.replicas));
+    }
+    if d.slots == 0 || d.slots > MAX_SLOTS {
+        return invalid(format!("--slots must be 1-{MAX_SLOTS}, got {}", d.slots));
+    }
+    if !(MIN_CONTEXT..=MAX_CONTEXT).contains(&d.context_per_slot) {
+        return invalid(format!(
+            "--ctx must be {MIN_CONTEXT}-{MAX_CONTEXT} tokens, got {}",
+            d.context_per_slot
+        ));
+    }
+    if d.gpu_layers < -1 {
+        return invalid(format!(
+            "--gpu-layers must be `auto` or a layer count, got {}",
+            d.gpu_layers
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,416 @@
+//! Placement: which nodes run which deployment's replicas. A pure function of the nodes,
+//! the deployments and the previous assignment, so it is tested without a database and a
+//! restarted control plane decides the same way.
+//!
+//! Rules:
+//! - A node runs at most one replica of a deployment.
+//! - A replica already placed on a node stays there while the node still matches the
+//!   selector and is not draining, even if the node is unavailable or cordoned (what runs
+//!   keeps running; an agent that lost the control plane keeps serving, invariant 3).
+//! - New replicas go only to nodes that are ready, not cordoned, not draining, and have the
+//!   memory (GGUF load estimate plus KV cache for slots × context) and the disk for the model,
+//!   counting what this placement already put there.
+//! - Among those, `Spread` prefers the node with the fewest models, `Pack` the most; ties go
+//!   by node name.
+//! - Every replica that cannot be placed gets the reason of each node that was passed over.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use steward_db::AssignedModel;
+
+/// Share of a node's memory kept free for the OS and the agent.
+const MEMORY_RESERVE_PERCENT: u64 = 10;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Strategy {
+    #[default]
+    Spread,
+    Pack,
+}
+
+impl std::str::FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "spread" => Ok(Self::Spread),
+            "pack" => Ok(Self::Pack),
+            other => Err(format!(
+                "unknown placement strategy `{other}` (spread or pack)"
+            )),
+        }
+    }
+}
+
+/// A node as placement sees it.
+#[derive(Clone, Debug, Default)]
+pub struct NodeView {
+    pub id: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub ready: bool,
+    pub cordoned: bool,
+    pub draining: bool,
+    pub memory_total_bytes: u64,
+    /// Memory of the largest GPU; 0 without one.
+    pub gpu_memory_bytes: u64,
+    pub disk_free_bytes: u64,
+    /// What the node was assigned before this placement.
+    pub assigned: Vec<AssignedModel>,
+}
+
+/// A deployment as placement sees it.
+#[derive(Clone, Debug)]
+pub struct Demand {
+    pub deployment: String,
+    pub digest: String,
+    pub selector: Selector,
+    pub replicas: u32,
+    pub slots: u32,
+    pub context_per_slot: u32,
+    pub gpu_layers: i32,
+    /// Memory to load the model and its KV cache.
+    pub memory_bytes: u64,
+    /// The artifact's size on disk.
+    pub size_bytes: u64,
+}
+
+/// The outcome: every node's models, and per deployment where its replicas run and why
+/// the rest could not be placed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub nodes: BTreeMap<String, Vec<AssignedModel>>,
+    pub placed: BTreeMap<String, Vec<String>>,
+    pub unschedulable: BTreeMap<String, Unschedulable>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Unschedulable {
+    pub missing_replicas: u32,
+    /// `node: reason` for each node passed over; empty when no node matches the selector.
+    pub reasons: Vec<String>,
+}
+
+/// A node selector: `*` (every node), or comma-separated terms that must all hold, each
+/// `key=value` over node labels, `name=NODE` for a node name, or a bare node name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    terms: Vec<(String, String)>,
+}
+
+impl Selector {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("the node selector is empty (use `*` for every node)".into());
+        }
+        if text == "*" {
+            return Ok(Self { terms: Vec::new() });
+        }
+        let mut terms = Vec::new();
+        for term in text.split(',') {
+            let term = term.trim();
+            let (key, value) = match term.split_once('=') {
+                Some((k, v)) => (k.trim(), v.trim()),
+                None => ("name", term),
+            };
+            if key.is_empty() || value.is_empty() || value.contains('=') {
+                return Err(format!(
+                    "selector term `{term}` is not `key=value` or a node name"
+                ));
+            }
+            terms.push((key.to_owned(), value.to_owned()));
+        }
+        Ok(Self { terms })
+    }
+
+    pub fn matches(&self, node: &NodeView) -> bool {
+        self.terms.iter().all(|(key, value)| {
+            if key == "name" {
+                node.name == *value
+            } else {
+                node.labels.get(key) == Some(value)
+            }
+        })
+    }
+}
+
+/// Places every demand, in deployment-name order.
+pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Placement {
+    let mut out = Placement::default();
+    let mut demands: Vec<&Demand> = demands.iter().collect();
+    demands.sort_by(|a, b| a.deployment.cmp(&b.deployment));
+    let mut nodes: Vec<&NodeView> = nodes.iter().collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+    // Memory and disk this placement already gave away, per node.
+    let mut used_memory: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut used_disk: BTreeMap<&str, u64> = BTreeMap::new();
+    for node in &nodes {
+        out.nodes.insert(node.id.clone(), Vec::new());
+    }
+
+    for demand in demands {
+        let assignment = AssignedModel {
+            deployment: demand.deployment.clone(),
+            digest: demand.digest.clone(),
+            slots: demand.slots,
+            context_per_slot: demand.context_per_slot,
+            gpu_layers: demand.gpu_layers,
+        };
+        let mut chosen: BTreeSet<&str> = BTreeSet::new();
+        // Keep replicas where they run.
+        for node in &nodes {
+            if chosen.len() as u32 >= demand.replicas {
+                break;
+            }
+            let kept = node.assigned.iter().any(|a| *a == assignment);
+            if kept && !node.draining && demand.selector.matches(node) {
+                chosen.insert(&node.id);
+            }
+        }
+        let mut reasons = Vec::new();
+        let mut candidates: Vec<&NodeView> = Vec::new();
+        for node in &nodes {
+            if chosen.contains(node.id.as_str()) || !demand.selector.matches(node) {
+                continue;
+            }
+            match refusal(node, demand, &used_memory, &used_disk) {
+                Some(reason) => reasons.push(format!("{}: {reason}", node.name)),
+                None => candidates.push(node),
+            }
+        }
+        let load = |node: &NodeView, out: &Placement| out.nodes[&node.id].len();
+        candidates.sort_by(|a, b| {
+            let (la, lb) = (load(a, &out), load(b, &out));
+            let by_load = match strategy {
+                Strategy::Spread => la.cmp(&lb),
+                Strategy::Pack => lb.cmp(&la),
+            };
+            by_load.then(a.name.cmp(&b.name))
+        });
+        for node in candidates {
+            if chosen.len() as u32 >= demand.replicas {
+                break;
+            }
+            chosen.insert(&node.id);
+        }
+        let mut placed_names = Vec::new();
+        for node in &nodes {
+            if chosen.contains(node.id.as_str()) {
+                *used_memory.entry(&node.id).or_default() += demand.memory_bytes;
+                if !node.assigned.iter().any(|a| a.digest == demand.digest) {
+                    *used_disk.entry(&node.id).or_default() += demand.size_bytes;
+                }
+                out.nodes
+                    .get_mut(&node.id)
+                    .expect("every node has an entry")
+                    .push(assignment.clone());
+                placed_names.push(node.name.clone());
+            }
+        }
+        let missing = demand.replicas.saturating_sub(chosen.len() as u32);
+        if missing > 0 {
+            out.unschedulable.insert(
+                demand.deployment.clone(),
+                Unschedulable {
+                    missing_replicas: missing,
+                    reasons,
+                },
+            );
+        }
+        out.placed.insert(demand.deployment.clone(), placed_names);
+    }
+    out
+}
+
+/// Why `node` cannot take a new replica of `demand`, if it cannot.
+fn refusal(
+    node: &NodeView,
+    demand: &Demand,
+    used_memory: &BTreeMap<&str, u64>,
+    used_disk: &BTreeMap<&str, u64>,
+) -> Option<String> {
+    if !node.ready {
+        return Some("unavailable".into());
+    }
+    if node.draining {
+        return Some("draining".into());
+    }
+    if node.cordoned {
+        return Some("cordoned".into());
+    }
+    let reserve = |total: u64| total - total / 100 * MEMORY_RESERVE_PERCENT;
+    let capacity = reserve(node.memory_total_bytes).max(reserve(node.gpu_memory_bytes));
+    let free = capacity.saturating_sub(used_memory.get(node.id.as_str()).copied().unwrap_or(0));
+    if demand.memory_bytes > free {
+        return Some(format!(
+            "not enough memory: the model needs {} (weights and KV cache for {} × {} tokens), \
+             {} is left",
+            gib(demand.memory_bytes),
+            demand.slots,
+            demand.context_per_slot,
+            gib(free)
+        ));
+    }
+    let disk = node
+        .disk_free_bytes
+        .saturating_sub(used_disk.get(node.id.as_str()).copied().unwrap_or(0));
+    let cached = node.assigned.iter().any(|a| a.digest == demand.digest);
+    if !cached && demand.size_bytes > disk {
+        return Some(format!(
+            "not enough disk: the artifact needs {}, {} is free",
+            gib(demand.size_bytes),
+            gib(disk)
+        ));
+    }
+    None
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    fn node(name: &str, memory_gib: u64) -> NodeView {
+        NodeView {
+            id: format!("id-{name}"),
+            name: name.into(),
+            ready: true,
+            memory_total_bytes: memory_gib * GIB,
+            disk_free_bytes: 100 * GIB,
+            ..NodeView::default()
+        }
+    }
+
+    fn demand(name: &str, selector: &str, replicas: u32, memory_gib: u64) -> Demand {
+        Demand {
+            deployment: name.into(),
+            digest: format!("digest-{name}"),
+            selector: Selector::parse(selector).unwrap(),
+            replicas,
+            slots: 4,
+            context_per_slot: 4096,
+            gpu_layers: -1,
+            memory_bytes: memory_gib * GIB,
+            size_bytes: GIB,
+        }
+    }
+
+    #[test]
+    fn selectors_match_labels_names_and_everything() {
+        let mut n = node("gpu-1", 8);
+        n.labels.insert("dept".into(), "radiology".into());
+        assert!(Selector::parse("*").unwrap().matches(&n));
+        assert!(Selector::parse("dept=radiology").unwrap().matches(&n));
+        assert!(Selector::parse("gpu-1").unwrap().matches(&n));
+        assert!(Selector::parse("name=gpu-1,dept=radiology").unwrap().matches(&n));
+        assert!(!Selector::parse("dept=oncology").unwrap().matches(&n));
+        assert!(!Selector::parse("name=gpu-2").unwrap().matches(&n));
+        for bad in ["", "a=", "=b", "a=b=c"] {
+            assert!(Selector::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn spread_puts_replicas_on_the_least_loaded_nodes() {
+        let nodes = [node("a", 16), node("b", 16), node("c", 16)];
+        let p = place(
+            &nodes,
+            &[demand("m1", "*", 1, 1), demand("m2", "*", 2, 1)],
+            Strategy::Spread,
+        );
+        assert_eq!(p.placed["m1"], ["a"]);
+        assert_eq!(p.placed["m2"], ["b", "c"]);
+        assert!(p.unschedulable.is_empty());
+    }
+
+    #[test]
+    fn pack_fills_one_node_before_the_next() {
+        let nodes = [node("a", 16), node("b", 16)];
+        let p = place(
+            &nodes,
+            &[demand("m1", "*", 1, 1), demand("m2", "*", 1, 1)],
+            Strategy::Pack,
+        );
+        assert_eq!(p.placed["m1"], ["a"]);
+        assert_eq!(p.placed["m2"], ["a"]);
+    }
+
+    #[test]
+    fn every_unschedulable_replica_says_why() {
+        let mut cordoned = node("cordoned", 64);
+        cordoned.cordoned = true;
+        let mut down = node("down", 64);
+        down.ready = false;
+        let mut draining = node("draining", 64);
+        draining.draining = true;
+        let mut full_disk = node("full-disk", 64);
+        full_disk.disk_free_bytes = GIB / 2;
+        let nodes = [node("small", 4), cordoned, down, draining, full_disk];
+        let p = place(&nodes, &[demand("big", "*", 2, 8)], Strategy::Spread);
+        let u = &p.unschedulable["big"];
+        assert_eq!(u.missing_replicas, 2);
+        let all = u.reasons.join("\n");
+        for expected in [
+            "small: not enough memory: the model needs 8.00 GiB",
+            "cordoned: cordoned",
+            "down: unavailable",
+            "draining: draining",
+            "full-disk: not enough disk",
+        ] {
+            assert!(all.contains(expected), "{expected:?} missing from\n{all}");
+        }
+    }
+
+    #[test]
+    fn memory_already_placed_counts_against_a_node() {
+        let nodes = [node("a", 10)];
+        let p = place(
+            &nodes,
+            &[demand("m1", "*", 1, 6), demand("m2", "*", 1, 6)],
+            Strategy::Spread,
+        );
+        assert_eq!(p.placed["m1"], ["a"]);
+        assert!(p.placed["m2"].is_empty());
+        assert!(p.unschedulable["m2"].reasons[0].contains("not enough memory"));
+    }
+
+    #[test]
+    fn running_replicas_stay_on_unavailable_or_cordoned_nodes_but_leave_draining_ones() {
+        let d = demand("m", "*", 1, 1);
+        let assigned = AssignedModel {
+            deployment: "m".into(),
+            digest: d.digest.clone(),
+            slots: d.slots,
+            context_per_slot: d.context_per_slot,
+            gpu_layers: d.gpu_layers,
+        };
+        let mut b = node("b", 16);
+        b.assigned = vec![assigned.clone()];
+        b.ready = false;
+        b.cordoned = true;
+        let p = place(&[node("a", 16), b.clone()], &[d.clone()], Strategy::Spread);
+        assert_eq!(p.placed["m"], ["b"], "kept where it runs");
+        b.draining = true;
+        let p = place(&[node("a", 16), b], &[d], Strategy::Spread);
+        assert_eq!(p.placed["m"], ["a"], "moved off the draining node");
+    }
+
+    #[test]
+    fn a_changed_model_is_placed_anew() {
+        let mut a = node("a", 16);
+        a.assigned = vec![AssignedModel {
+            deployment: "m".into(),
+            digest: "old".into(),
+            slots: 4,
+            context_per_slot: 4096,
+            gpu_layers: -1,
+        }];
+        let p = place(&[a], &[demand("m", "*", 1, 1)], Strategy::Spread);
+        assert_eq!(p.nodes["id-a"][0].digest, "digest-m");
+    }
+}

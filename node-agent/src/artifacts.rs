@@ -1,0 +1,389 @@
+//! The agent's artifact cache: pulls assigned artifacts from the control plane in chunks,
+//! resuming where a dropped connection or a restart left off, hashes while it receives,
+//! re-verifies the signature and the GGUF header under the trust policy the control plane
+//! sent, and only then renames the file into the cache (ARCHITECTURE.md invariant 4).
+//!
+//! Layout under `<data dir>/artifacts/`: `<digest>.gguf` (verified), `partial/<digest>`
+//! (being received). A cached file's modification time is its last use, for LRU eviction.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use steward_artifact::digest::{Sha256Hex, StreamingDigest};
+use steward_artifact::gguf::{Limits, inspect_file};
+use steward_artifact::policy::{Policy, ScopedAnchor};
+use steward_artifact::signing::TrustAnchor;
+use steward_proto::agent::v1::agent_service_client::AgentServiceClient;
+use steward_proto::agent::v1::{AgentTrustPolicy, FetchArtifactRequest, ModelAssignment};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    /// The transfer broke off; what arrived is kept and the next attempt resumes.
+    #[error("the transfer was interrupted at byte {at}: {reason}")]
+    Interrupted { at: u64, reason: String },
+    /// The bytes do not hash to the digest; they were discarded and are fetched again.
+    #[error("received bytes hash to {got}, not {want}; discarded")]
+    DigestMismatch { want: String, got: String },
+    /// The artifact failed verification here; it is never loaded.
+    #[error("refused: {0}")]
+    Refused(String),
+    #[error("the artifact cache at {path} failed")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl ArtifactError {
+    /// Whether trying again can help.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Interrupted { .. } | Self::DigestMismatch { .. } | Self::Io { .. }
+        )
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ArtifactCache {
+    dir: PathBuf,
+    partial: PathBuf,
+    /// Evict least-recently-used artifacts that no assignment needs above this many bytes.
+    budget_bytes: u64,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
+    move |source| ArtifactError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl ArtifactCache {
+    pub fn open(data_dir: &Path, budget_bytes: u64) -> Result<Self, ArtifactError> {
+        let dir = data_dir.join("artifacts");
+        let partial = dir.join("partial");
+        std::fs::create_dir_all(&partial).map_err(io(&partial))?;
+        Ok(Self {
+            dir,
+            partial,
+            budget_bytes,
+        })
+    }
+
+    pub fn path_of(&self, digest: &str) -> PathBuf {
+        self.dir.join(format!("{digest}.gguf"))
+    }
+
+    fn partial_of(&self, digest: &str) -> PathBuf {
+        self.partial.join(digest)
+    }
+
+    /// The verified file, if cached; marks it used now.
+    pub fn cached(&self, digest: &str) -> Option<PathBuf> {
+        let path = self.path_of(digest);
+        let file = std::fs::File::options().append(true).open(&path).ok()?;
+        let _ = file.set_modified(std::time::SystemTime::now());
+        Some(path)
+    }
+
+    /// Bytes of `digest` already received (a resumed pull starts there).
+    pub fn partial_len(&self, digest: &str) -> u64 {
+        std::fs::metadata(self.partial_of(digest)).map_or(0, |m| m.len())
+    }
+
+    /// Fetches `assignment`'s artifact from where an earlier attempt stopped, then verifies
+    /// and publishes it. `progress(done, total)` is called as bytes arrive.
+    pub async fn pull(
+        &self,
+        client: &mut AgentServiceClient<tonic::transport::Channel>,
+        assignment: &ModelAssignment,
+        trust: &AgentTrustPolicy,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Result<PathBuf, ArtifactError> {
+        let digest = Sha256Hex::parse(&assignment.digest).ok_or_else(|| {
+            ArtifactError::Refused(format!("`{}` is not a sha256 digest", assignment.digest))
+        })?;
+        if let Some(path) = self.cached(digest.as_str()) {
+            return Ok(path);
+        }
+        let total = assignment.size_bytes;
+        let partial = self.partial_of(digest.as_str());
+        let mut hasher = StreamingDigest::new();
+        let mut file = open_partial(&partial, total, &mut hasher).await?;
+        let mut offset = hasher.len();
+        progress(offset, total);
+        if offset < total {
+            let request = FetchArtifactRequest {
+                digest: digest.to_string(),
+                offset,
+            };
+            let mut stream = client
+                .fetch_artifact(request)
+                .await
+                .map_err(|s| interrupted(offset, &s))?
+                .into_inner();
+            loop {
+                let chunk = match stream.message().await {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => break,
+                    Err(status) => return Err(interrupted(offset, &status)),
+                };
+                if chunk.offset != offset {
+                    return Err(ArtifactError::Interrupted {
+                        at: offset,
+                        reason: format!("a chunk arrived for offset {}", chunk.offset),
+                    });
+                }
+                if offset + chunk.data.len() as u64 > total {
+                    drop(file);
+                    discard(&partial);
+                    return Err(ArtifactError::Interrupted {
+                        at: 0,
+                        reason: format!("the control plane sent more than the {total} bytes announced"),
+                    });
+                }
+                hasher.update(&chunk.data);
+                let len = chunk.data.len() as u64;
+                file = write_chunk(file, chunk.data, &partial).await?;
+                offset += len;
+                progress(offset, total);
+            }
+        }
+        if offset < total {
+            return Err(ArtifactError::Interrupted {
+                at: offset,
+                reason: "the stream ended early".into(),
+            });
+        }
+        let got = hasher.finish();
+        if got != digest {
+            drop(file);
+            discard(&partial);
+            return Err(ArtifactError::DigestMismatch {
+                want: digest.to_string(),
+                got: got.to_string(),
+            });
+        }
+        file.sync_all().map_err(io(&partial))?;
+        drop(file);
+        if let Err(reason) = verify(&partial, assignment, &digest, trust).await {
+            discard(&partial);
+            return Err(ArtifactError::Refused(reason));
+        }
+        let target = self.path_of(digest.as_str());
+        std::fs::rename(&partial, &target).map_err(io(&target))?;
+        if let Ok(dir) = std::fs::File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+        tracing::info!(%digest, bytes = total, "artifact verified and cached");
+        Ok(target)
+    }
+
+    /// Deletes an artifact (revoked) and any partial copy of it.
+    pub fn remove(&self, digest: &str) {
+        for path in [self.path_of(digest), self.partial_of(digest)] {
+            match std::fs::remove_file(&path) {
+                Ok(()) => tracing::info!(path = %path.display(), "deleted artifact"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot delete artifact"),
+            }
+        }
+    }
+
+    /// Deletes least-recently-used cached artifacts not in `keep` until the cache fits its
+    /// budget. Never deletes one in `keep` (assigned or in use). Returns what was deleted.
+    pub fn evict(&self, keep: &BTreeSet<String>) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut files: Vec<(std::time::SystemTime, u64, String)> = entries
+            .filter_map(Result::ok)
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                let digest = name.strip_suffix(".gguf")?.to_owned();
+                let meta = e.metadata().ok()?;
+                Some((meta.modified().ok()?, meta.len(), digest))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        let mut evicted = Vec::new();
+        for (_, len, digest) in files {
+            if total <= self.budget_bytes {
+                break;
+            }
+            if keep.contains(&digest) {
+                continue;
+            }
+            self.remove(&digest);
+            total = total.saturating_sub(len);
+            evicted.push(digest);
+        }
+        evicted
+    }
+}
+
+fn interrupted(at: u64, status: &tonic::Status) -> ArtifactError {
+    ArtifactError::Interrupted {
+        at,
+        reason: format!("{}: {}", status.code(), status.message()),
+    }
+}
+
+fn discard(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot delete a partial artifact");
+    }
+}
+
+/// Opens the partial file for appending, hashing what it already holds (a resumed pull).
+/// A partial longer than the artifact is started over.
+async fn open_partial(
+    path: &Path,
+    total: u64,
+    hasher: &mut StreamingDigest,
+) -> Result<std::fs::File, ArtifactError> {
+    let path_owned = path.to_owned();
+    let (file, digest) = tokio::task::spawn_blocking(move || {
+        let path = path_owned;
+        let mut file = std::fs::File::options()
+            .create(true)
+            .read(true)
+            .append(true)
+            .open(&path)?;
+        if file.metadata()?.len() > total {
+            file.set_len(0)?;
+        }
+        let mut digest = StreamingDigest::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut reader = std::fs::File::open(&path)?;
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            digest.update(&buf[..n]);
+        }
+        file.flush()?;
+        Ok::<_, std::io::Error>((file, digest))
+    })
+    .await
+    .map_err(|e| ArtifactError::Io {
+        path: path.to_owned(),
+        source: std::io::Error::other(e.to_string()),
+    })?
+    .map_err(io(path))?;
+    if digest.len() > 0 {
+        tracing::info!(path = %path.display(), bytes = digest.len(), "resuming a partial download");
+    }
+    *hasher = digest;
+    Ok(file)
+}
+
+async fn write_chunk(
+    mut file: std::fs::File,
+    data: bytes::Bytes,
+    path: &Path,
+) -> Result<std::fs::File, ArtifactError> {
+    tokio::task::spawn_blocking(move || file.write_all(&data).map(|()| file))
+        .await
+        .map_err(|e| ArtifactError::Io {
+            path: path.to_owned(),
+            source: std::io::Error::other(e.to_string()),
+        })?
+        .map_err(io(path))
+}
+
+/// The same checks the control plane made, made again here: the GGUF pre-parse and the
+/// signature under the trust policy the control plane sent.
+async fn verify(
+    path: &Path,
+    assignment: &ModelAssignment,
+    digest: &Sha256Hex,
+    trust: &AgentTrustPolicy,
+) -> Result<(), String> {
+    let path = path.to_owned();
+    let facts = tokio::task::spawn_blocking(move || inspect_file(&path, &Limits::default()))
+        .await
+        .map_err(|e| e.to_string())?;
+    facts.map_err(|e| format!("GGUF pre-parse: {}", steward_telemetry::chain(&e)))?;
+    let policy = policy(trust);
+    let bundle = (!assignment.signature_bundle.is_empty()).then_some(&assignment.signature_bundle[..]);
+    policy
+        .evaluate(
+            &assignment.model_name,
+            &[(assignment.file_name.clone(), digest.clone())],
+            bundle,
+        )
+        .map(|_| ())
+        .map_err(|e| format!("trust policy: {}", steward_telemetry::chain(&e)))
+}
+
+/// The wire policy as a decision policy.
+pub fn policy(trust: &AgentTrustPolicy) -> Policy {
+    Policy {
+        anchors: trust
+            .anchors
+            .iter()
+            .map(|a| ScopedAnchor {
+                anchor: if a.kind == "certificate_root" {
+                    TrustAnchor::CertificateRoot {
+                        pem: a.pem.clone(),
+                        identity: (!a.identity.is_empty()).then(|| a.identity.clone()),
+                    }
+                } else {
+                    TrustAnchor::PublicKey { pem: a.pem.clone() }
+                },
+                name_pattern: a.name_pattern.clone(),
+            })
+            .collect(),
+        unsigned_allowed: trust.unsigned_allowed.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn touch(cache: &ArtifactCache, digest: &str, len: usize, age_secs: u64) {
+        let path = cache.path_of(digest);
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+        let when = std::time::SystemTime::now() - std::time::Duration::from_secs(age_secs);
+        std::fs::File::options()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(when)
+            .unwrap();
+    }
+
+    #[test]
+    fn eviction_removes_least_recently_used_unneeded_artifacts_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ArtifactCache::open(dir.path(), 250).unwrap();
+        touch(&cache, "old", 100, 300);
+        touch(&cache, "older-but-kept", 100, 400);
+        touch(&cache, "middle", 100, 200);
+        touch(&cache, "new", 100, 100);
+        let keep = BTreeSet::from(["older-but-kept".to_owned()]);
+        let evicted = cache.evict(&keep);
+        assert_eq!(evicted, ["old", "middle"]);
+        assert!(cache.path_of("older-but-kept").exists(), "needed: never evicted");
+        assert!(cache.path_of("new").exists());
+    }
+
+    #[test]
+    fn eviction_never_deletes_a_needed_artifact_even_over_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ArtifactCache::open(dir.path(), 10).unwrap();
+        touch(&cache, "a", 100, 10);
+        let keep = BTreeSet::from(["a".to_owned()]);
+        assert!(cache.evict(&keep).is_empty());
+        assert!(cache.path_of("a").exists());
+    }
+}

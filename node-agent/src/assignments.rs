@@ -1,0 +1,231 @@
+//! Runs the models the desired state assigns to this node: for each, pull its artifact
+//! (resuming, verified), load it and serve it; unload what is no longer assigned; delete
+//! and refuse revoked artifacts; keep the cache within its budget.
+//!
+//! It starts from the desired state the agent persisted, so after a restart without a
+//! control plane the node serves from its cache what it last applied (invariant 3).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use steward_engine::{GpuLayers, ModelConfig};
+use steward_proto::agent::v1::agent_service_client::AgentServiceClient;
+use steward_proto::agent::v1::{AgentTrustPolicy, DesiredState, ModelAssignment};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::artifacts::ArtifactCache;
+use crate::backoff::Backoff;
+use crate::identity::IdentityStore;
+use crate::serving::{Serving, Slot};
+
+/// Settings every assigned model is loaded with.
+#[derive(Clone, Debug, Default)]
+pub struct LoadDefaults {
+    pub threads: Option<u32>,
+}
+
+/// One model being pulled, loaded or served.
+struct Running {
+    assignment: ModelAssignment,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+#[derive(Clone)]
+pub struct Assignments {
+    serving: Arc<Serving>,
+    cache: ArtifactCache,
+    identity: Arc<dyn IdentityStore>,
+    endpoint: String,
+    defaults: LoadDefaults,
+}
+
+impl Assignments {
+    pub fn new(
+        serving: Arc<Serving>,
+        cache: ArtifactCache,
+        identity: Arc<dyn IdentityStore>,
+        endpoint: impl Into<String>,
+        defaults: LoadDefaults,
+    ) -> Self {
+        Self {
+            serving,
+            cache,
+            identity,
+            endpoint: endpoint.into(),
+            defaults,
+        }
+    }
+
+    /// Follows the applied desired state until `shutdown`.
+    pub async fn run(self, mut desired: watch::Receiver<DesiredState>, shutdown: CancellationToken) {
+        let mut running: BTreeMap<String, Running> = BTreeMap::new();
+        loop {
+            let state = desired.borrow_and_update().clone();
+            self.converge(&state, &mut running).await;
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                changed = desired.changed() => if changed.is_err() { break },
+            }
+        }
+        for (_, r) in running {
+            r.cancel.cancel();
+            let _ = r.task.await;
+        }
+    }
+
+    async fn converge(&self, state: &DesiredState, running: &mut BTreeMap<String, Running>) {
+        let revoked: BTreeSet<&str> = state.revoked_digests.iter().map(String::as_str).collect();
+        let wanted: BTreeMap<&str, &ModelAssignment> = state
+            .models
+            .iter()
+            .map(|m| (m.name.as_str(), m))
+            .collect();
+        // Stop what is no longer wanted as it is (removed, changed, or revoked).
+        let stale: Vec<String> = running
+            .iter()
+            .filter(|(name, r)| {
+                wanted.get(name.as_str()) != Some(&&r.assignment)
+                    || revoked.contains(r.assignment.digest.as_str())
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(r) = running.remove(&name) {
+                r.cancel.cancel();
+                let _ = r.task.await;
+            }
+            self.serving.remove(&name).await;
+            tracing::info!(model = %name, "model unassigned; unloaded");
+        }
+        // Models with a state but no task (e.g. a failed one that is no longer assigned).
+        for (name, _) in self.serving.entries() {
+            if !running.contains_key(&name) && !wanted.contains_key(name.as_str()) {
+                self.serving.remove(&name).await;
+            }
+        }
+        for digest in &revoked {
+            self.cache.remove(digest);
+        }
+        let trust = state.trust.clone().unwrap_or_default();
+        for (name, assignment) in wanted {
+            if running.contains_key(name) {
+                continue;
+            }
+            if revoked.contains(assignment.digest.as_str()) {
+                self.serving.set_state(
+                    name,
+                    &assignment.digest,
+                    Slot::Failed("the artifact is revoked; it will not be loaded".into()),
+                );
+                continue;
+            }
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(self.clone().serve_one(
+                assignment.clone(),
+                trust.clone(),
+                cancel.clone(),
+            ));
+            running.insert(
+                name.to_owned(),
+                Running {
+                    assignment: assignment.clone(),
+                    cancel,
+                    task,
+                },
+            );
+        }
+        let keep: BTreeSet<String> = state.models.iter().map(|m| m.digest.clone()).collect();
+        for digest in self.cache.evict(&keep) {
+            tracing::info!(%digest, "evicted an unassigned artifact from the cache");
+        }
+    }
+
+    /// Pulls (retrying transient failures with backoff), then loads one model.
+    async fn serve_one(self, assignment: ModelAssignment, trust: AgentTrustPolicy, cancel: CancellationToken) {
+        let name = assignment.name.clone();
+        let digest = assignment.digest.clone();
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        let path = loop {
+            if let Some(path) = self.cache.cached(&digest) {
+                break path;
+            }
+            self.serving.set_state(
+                &name,
+                &digest,
+                Slot::Pulling {
+                    done: self.cache.partial_len(&digest),
+                    total: assignment.size_bytes,
+                },
+            );
+            let attempt = tokio::select! {
+                () = cancel.cancelled() => return,
+                result = self.pull(&assignment, &trust) => result,
+            };
+            match attempt {
+                Ok(path) => break path,
+                Err(e) if e.is_transient() => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(model = %name, %digest, error = %steward_telemetry::chain(&e), ?delay, "pull failed; retrying");
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => {
+                    let reason = steward_telemetry::chain(&e).to_string();
+                    tracing::error!(model = %name, %digest, error = %reason, "artifact refused; not loading it");
+                    self.serving.set_state(&name, &digest, Slot::Failed(reason));
+                    return;
+                }
+            }
+        };
+        let config = ModelConfig {
+            slots: assignment.slots.max(1),
+            context_per_slot: assignment.context_per_slot.max(1),
+            threads: self.defaults.threads,
+            gpu_layers: u32::try_from(assignment.gpu_layers)
+                .map_or(GpuLayers::Auto, GpuLayers::Fixed),
+            ..ModelConfig::new(name.clone(), path)
+        };
+        tokio::select! {
+            () = cancel.cancelled() => {}
+            _ = self.serving.load(config, &digest) => {}
+        }
+    }
+
+    async fn pull(
+        &self,
+        assignment: &ModelAssignment,
+        trust: &AgentTrustPolicy,
+    ) -> Result<std::path::PathBuf, crate::artifacts::ArtifactError> {
+        let transient = |reason: String| crate::artifacts::ArtifactError::Interrupted { at: 0, reason };
+        let identity = self
+            .identity
+            .load()
+            .map_err(|e| transient(steward_telemetry::chain(&e).to_string()))?
+            .ok_or_else(|| transient("the node is not enrolled".into()))?;
+        let channel = identity
+            .channel(&self.endpoint)
+            .await
+            .map_err(|e| transient(steward_telemetry::chain(&e).to_string()))?;
+        let mut client = AgentServiceClient::new(channel).max_decoding_message_size(4 << 20);
+        let (serving, name, digest) = (
+            self.serving.clone(),
+            assignment.name.clone(),
+            assignment.digest.clone(),
+        );
+        let progress = move |done: u64, total: u64| {
+            let slot = if done >= total {
+                Slot::Verifying
+            } else {
+                Slot::Pulling { done, total }
+            };
+            serving.set_state(&name, &digest, slot);
+        };
+        self.cache.pull(&mut client, assignment, trust, &progress).await
+    }
+}

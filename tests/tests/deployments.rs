@@ -1,0 +1,362 @@
+//! Deployments end to end, in process: a real control plane (SQLite and PostgreSQL) places a
+//! signed model on a real agent, which pulls it over mTLS gRPC, verifies it, loads it with
+//! llama.cpp and serves it; revocation, deletion, corruption in transit, resumption and
+//! offline survival.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use steward_engine::tiny_model::TinyModel;
+use steward_node_agent::serving::ServingConfig;
+use steward_proto::admin::v1::deployment_service_client::DeploymentServiceClient;
+use steward_proto::admin::v1::{
+    CreateDeploymentRequest, Deployment, DeploymentRef, LabelNodeRequest, Model,
+    RevokeModelRequest,
+};
+use steward_proto::agent::v1::ModelState;
+use steward_tests::{
+    Admin, Backend, TestAgent, TestControlPlane, TestDb, init_logging, on_both_backends, sign,
+    signing_key,
+};
+
+const API_KEY: &str = "sk-deploy-test";
+
+fn free_port() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// A control plane, a signed tiny model pushed as `tiny-chat@1` under a trusted key, and an
+/// agent with an inference API and no models of its own.
+struct World {
+    cp: TestControlPlane,
+    admin: Admin,
+    deploy: DeploymentServiceClient<tonic::transport::Channel>,
+    model: Model,
+    agent: Option<TestAgent>,
+    agent_dir: PathBuf,
+    api: std::net::SocketAddr,
+    node_id: String,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    async fn start(db: &TestDb) -> Self {
+        init_logging();
+        let cp = TestControlPlane::start(db).await;
+        let admin = cp.admin().await;
+        let dir = tempfile::tempdir().unwrap();
+        let (key, public_pem) = signing_key(dir.path());
+        admin.trust_key(&public_pem, "tiny-*").await;
+        let model_path = dir.path().join("tiny-chat.gguf");
+        TinyModel::default().write_to(&model_path).unwrap();
+        let signature = sign(&model_path, &key);
+        let model = admin
+            .push(&model_path, "tiny-chat", "1", Some(&signature))
+            .await
+            .expect("push");
+        let agent_dir = dir.path().join("agent");
+        let api = free_port();
+        let mut world = Self {
+            deploy: admin.deployments(),
+            cp,
+            admin,
+            model,
+            agent: None,
+            agent_dir,
+            api,
+            node_id: String::new(),
+            _dir: dir,
+        };
+        let token = world.admin.token(600).await;
+        world.start_agent(Some(token));
+        world.node_id = world.agent.as_ref().unwrap().node_id().await;
+        world
+            .admin
+            .wait_for_state(&world.node_id, steward_proto::admin::v1::NodeState::Ready, Duration::from_secs(10))
+            .await;
+        world
+    }
+
+    fn start_agent(&mut self, token: Option<String>) {
+        let serving = ServingConfig {
+            listen: self.api,
+            api_keys: vec![API_KEY.into()],
+            models: Vec::new(),
+        };
+        self.agent = Some(TestAgent::start_serving(
+            &self.cp.endpoint,
+            &self.agent_dir,
+            token,
+            Some(serving),
+        ));
+    }
+
+    async fn create(&self, name: &str, model: &str, selector: &str) -> Result<Deployment, tonic::Status> {
+        self.deploy
+            .clone()
+            .create_deployment(self.admin.request(CreateDeploymentRequest {
+                name: name.into(),
+                model: model.into(),
+                selector: selector.into(),
+                replicas: 1,
+                slots: 2,
+                context_per_slot: 512,
+                gpu_layers: None,
+            }))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn show(&self, name: &str) -> Deployment {
+        self.deploy
+            .clone()
+            .get_deployment(self.admin.request(DeploymentRef { name: name.into() }))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Waits until the deployment's replica on our node reports `state`.
+    async fn wait_replica(&self, name: &str, state: ModelState, within: Duration) -> Deployment {
+        let deadline = Instant::now() + within;
+        loop {
+            let d = self.show(name).await;
+            if d.placed.iter().any(|r| {
+                r.node_id == self.node_id
+                    && r.status.as_ref().is_some_and(|s| s.state == state as i32)
+            }) {
+                return d;
+            }
+            assert!(Instant::now() < deadline, "replica of {name} not {state:?} in {within:?}: {d:#?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until the node reports no model named `name`.
+    async fn wait_gone(&self, name: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let node = self.admin.node(&self.node_id).await;
+            if !node.models.iter().any(|m| m.name == name) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{name} still reported: {:?}", node.models);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn complete(&self, model: &str) -> reqwest::Response {
+        reqwest::Client::new()
+            .post(format!("http://{}/v1/completions", self.api))
+            .bearer_auth(API_KEY)
+            .json(&serde_json::json!({"model": model, "prompt": "hello", "max_tokens": 4, "temperature": 0}))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    fn cached_file(&self) -> PathBuf {
+        self.agent_dir.join("artifacts").join(format!("{}.gguf", self.model.digest))
+    }
+
+    async fn artifact_bytes_sent(&self) -> u64 {
+        let text = reqwest::get(format!("{}/metrics", self.cp.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("steward_artifact_sent_bytes_total "))
+            .map_or(0, |v| v.trim().parse().unwrap())
+    }
+
+    async fn stop(mut self, db: TestDb) {
+        if let Some(agent) = self.agent.take() {
+            agent.stop().await.unwrap();
+        }
+        self.cp.stop().await;
+        db.cleanup().await;
+    }
+}
+
+async fn a_deployed_model_is_pulled_verified_loaded_and_served(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let w = World::start(&db).await;
+    w.admin
+        .client
+        .clone()
+        .label_node(w.admin.request(LabelNodeRequest {
+            node: w.node_id.clone(),
+            set: [("dept".to_owned(), "radiology".to_owned())].into(),
+            remove: vec![],
+        }))
+        .await
+        .unwrap();
+    let created = w.create("chat", "tiny-chat@1", "dept=radiology").await.unwrap();
+    assert_eq!(created.digest, w.model.digest);
+    assert_eq!(created.placed.len(), 1, "placed on the labelled node: {created:?}");
+
+    let d = w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60)).await;
+    assert_eq!(d.placed[0].digest, w.model.digest);
+    assert!(w.cached_file().exists(), "verified artifact renamed into the cache");
+    let r = w.complete("chat").await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+
+    let node = w.admin.node(&w.node_id).await;
+    assert!(node.applied_generation >= node.desired_generation - 1);
+    let actions: Vec<String> = w
+        .cp
+        .store()
+        .audit_events()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    for expected in ["deployment.create", "node.assign", "node.label"] {
+        assert!(actions.iter().any(|a| a == expected), "{expected} not audited: {actions:?}");
+    }
+
+    w.deploy
+        .clone()
+        .delete_deployment(w.admin.request(DeploymentRef { name: "chat".into() }))
+        .await
+        .unwrap();
+    w.wait_gone("chat").await;
+    assert_eq!(w.complete("chat").await.status(), 404, "unloaded after delete");
+    w.stop(db).await;
+}
+
+async fn revoking_a_deployed_model_unloads_and_deletes_it_on_the_agent(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let w = World::start(&db).await;
+    w.create("chat", "tiny-chat@1", "*").await.unwrap();
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60)).await;
+    w.admin
+        .models()
+        .revoke_model(w.admin.request(RevokeModelRequest {
+            digest: w.model.digest.clone(),
+            reason: "test: found a backdoor".into(),
+        }))
+        .await
+        .unwrap();
+    w.wait_gone("chat").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.cached_file().exists() {
+        assert!(Instant::now() < deadline, "revoked artifact not deleted from the agent's cache");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(w.complete("chat").await.status(), 404);
+    let d = w.show("chat").await;
+    assert_eq!(d.missing_replicas, 1);
+    assert!(
+        d.unschedulable_reasons.iter().any(|r| r.contains("revoked")),
+        "{:?}",
+        d.unschedulable_reasons
+    );
+    let refused = w.create("again", &w.model.digest, "*").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("revoked"), "{}", refused.message());
+    w.stop(db).await;
+}
+
+on_both_backends!(
+    a_deployed_model_is_pulled_verified_loaded_and_served,
+    revoking_a_deployed_model_unloads_and_deletes_it_on_the_agent,
+);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_deployments_are_refused_with_the_reason() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    let unknown = w.create("x", "nope@1", "*").await.unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+    let bad_name = w.create("bad name!", "tiny-chat@1", "*").await.unwrap_err();
+    assert_eq!(bad_name.code(), tonic::Code::InvalidArgument);
+    let bad_selector = w.create("x", "tiny-chat@1", "a=b=c").await.unwrap_err();
+    assert!(bad_selector.message().contains("selector"), "{}", bad_selector.message());
+    w.create("x", "tiny-chat@1", "*").await.unwrap();
+    let twice = w.create("x", "tiny-chat@1", "*").await.unwrap_err();
+    assert_eq!(twice.code(), tonic::Code::AlreadyExists);
+
+    let nowhere = w.create("nowhere", "tiny-chat@1", "dept=oncology").await.unwrap();
+    assert_eq!(nowhere.missing_replicas, 1, "{nowhere:?}");
+    assert!(nowhere.placed.is_empty());
+    let refusals = w
+        .cp
+        .store()
+        .audit_events()
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.action == "deployment.create" && e.outcome == "refused")
+        .count();
+    assert!(refusals >= 1, "refused deployments are audited");
+    w.stop(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_bytes_are_discarded_and_fetched_again() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    // A partial download whose bytes are wrong: the pull resumes after them, the digest
+    // does not match, the file is discarded and fetched again from the start.
+    seed_partial(&w.agent_dir, &w.model.digest, &vec![0xAB; 4096]);
+    w.create("chat", "tiny-chat@1", "*").await.unwrap();
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60)).await;
+    assert_eq!(
+        std::fs::read(w.cached_file()).unwrap().len() as u64,
+        w.model.size_bytes
+    );
+    assert_eq!(w.complete("chat").await.status(), 200);
+    w.stop(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_resumes_from_the_bytes_already_received() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    let digest = &w.model.digest;
+    let blob = w.cp.data_dir.path().join("blobs/sha256").join(&digest[..2]).join(digest);
+    let source = std::fs::read(blob).unwrap();
+    let half = source.len() / 2;
+    seed_partial(&w.agent_dir, &w.model.digest, &source[..half]);
+    let before = w.artifact_bytes_sent().await;
+    w.create("chat", "tiny-chat@1", "*").await.unwrap();
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60)).await;
+    let sent = w.artifact_bytes_sent().await - before;
+    assert_eq!(sent, (source.len() - half) as u64, "only the missing half was sent");
+    w.stop(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_without_its_control_plane_serves_what_it_last_applied() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut w = World::start(&db).await;
+    w.create("chat", "tiny-chat@1", "*").await.unwrap();
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60)).await;
+    let cp = w.cp.control_plane.take().unwrap();
+    cp.stop().await;
+    w.agent.take().unwrap().stop().await.unwrap();
+    w.start_agent(None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = w.complete("chat").await;
+        if r.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not served after restart: {}", r.status());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    w.agent.take().unwrap().stop().await.unwrap();
+    db.cleanup().await;
+}
+
+fn seed_partial(agent_dir: &Path, digest: &str, bytes: &[u8]) {
+    let dir = agent_dir.join("artifacts").join("partial");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(digest), bytes).unwrap();
+}
+
