@@ -391,14 +391,18 @@ impl Fleet {
                 tracing::error!(digest = %assigned.digest, "an assigned artifact is missing from the registry");
                 continue;
             };
-            let model_name = self
-                .store
-                .versions_of(&assigned.digest)
-                .await?
-                .into_iter()
-                .next()
-                .map(|m| m.name)
-                .unwrap_or_default();
+            // The name the deployment was trusted under (one digest may carry several).
+            let model_name = match self.store.get_deployment(&assigned.deployment).await? {
+                Some(d) => d.model_name,
+                None => self
+                    .store
+                    .versions_of(&assigned.digest)
+                    .await?
+                    .into_iter()
+                    .next()
+                    .map(|m| m.name)
+                    .unwrap_or_default(),
+            };
             models.push(ModelAssignment {
                 name: assigned.deployment.clone(),
                 digest: assigned.digest.clone(),

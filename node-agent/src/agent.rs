@@ -126,6 +126,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 config.control_plane.clone(),
                 LoadDefaults {
                     threads: config.threads,
+                    ..LoadDefaults::default()
                 },
             );
             Some(tokio::spawn(runner.run(reconciler.watch(), shutdown.clone())))

@@ -22,9 +22,21 @@ use crate::identity::IdentityStore;
 use crate::serving::{Serving, Slot};
 
 /// Settings every assigned model is loaded with.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct LoadDefaults {
     pub threads: Option<u32>,
+    /// While the node drains, how long requests already running on a model that moves
+    /// elsewhere may take to finish before it is unloaded.
+    pub drain_grace: Duration,
+}
+
+impl Default for LoadDefaults {
+    fn default() -> Self {
+        Self {
+            threads: None,
+            drain_grace: Duration::from_secs(30),
+        }
+    }
 }
 
 /// One model being pulled, loaded or served.
@@ -78,6 +90,7 @@ impl Assignments {
     }
 
     async fn converge(&self, state: &DesiredState, running: &mut BTreeMap<String, Running>) {
+        self.serving.set_draining(state.drain);
         let revoked: BTreeSet<&str> = state.revoked_digests.iter().map(String::as_str).collect();
         let wanted: BTreeMap<&str, &ModelAssignment> = state
             .models
@@ -97,13 +110,20 @@ impl Assignments {
             if let Some(r) = running.remove(&name) {
                 r.cancel.cancel();
                 let _ = r.task.await;
+                if state.drain && !revoked.contains(r.assignment.digest.as_str()) {
+                    self.finish_in_flight(&name).await;
+                }
             }
             self.serving.remove(&name).await;
             tracing::info!(model = %name, "model unassigned; unloaded");
         }
-        // Models with a state but no task (e.g. a failed one that is no longer assigned).
-        for (name, _) in self.serving.entries() {
-            if !running.contains_key(&name) && !wanted.contains_key(name.as_str()) {
+        // Assigned models with a state but no task (e.g. a refused one no longer assigned).
+        // Models from the agent's own configuration carry no digest and are left alone.
+        for (name, digest) in self.serving.entries() {
+            if !digest.is_empty()
+                && !running.contains_key(&name)
+                && !wanted.contains_key(name.as_str())
+            {
                 self.serving.remove(&name).await;
             }
         }
@@ -141,6 +161,22 @@ impl Assignments {
         let keep: BTreeSet<String> = state.models.iter().map(|m| m.digest.clone()).collect();
         for digest in self.cache.evict(&keep) {
             tracing::info!(%digest, "evicted an unassigned artifact from the cache");
+        }
+    }
+
+    /// Waits (up to the drain grace period) for the requests running on `name` to finish.
+    async fn finish_in_flight(&self, name: &str) {
+        let deadline = tokio::time::Instant::now() + self.defaults.drain_grace;
+        loop {
+            let in_flight = self.serving.in_flight(name);
+            if in_flight == 0 {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(model = %name, in_flight, "drain grace period over; unloading with requests still running");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

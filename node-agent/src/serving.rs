@@ -89,6 +89,7 @@ pub struct Serving {
     local_addr: SocketAddr,
     /// Models loading now (the API's `/healthz` answers 503 while any is).
     loading: Arc<AtomicUsize>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
     free_vram: Option<u64>,
 }
 
@@ -139,6 +140,7 @@ impl Serving {
             metrics,
             local_addr,
             loading: loading.clone(),
+            draining: Arc::default(),
             free_vram: free_vram_bytes(inventory),
         });
         let state = ApiState {
@@ -146,6 +148,7 @@ impl Serving {
             keys,
             registry: Arc::new(registry),
             loading,
+            draining: serving.draining.clone(),
         };
         tokio::spawn(async move {
             if let Err(e) =
@@ -230,6 +233,23 @@ impl Serving {
             tracing::info!(model = %name, "unloading model");
             let _ = tokio::task::spawn_blocking(move || model.unload()).await;
         }
+    }
+
+    /// While set, new generations are refused (503) and running ones finish.
+    pub fn set_draining(&self, draining: bool) {
+        if self.draining.swap(draining, Ordering::Relaxed) != draining {
+            tracing::info!(draining, "inference API drain flag changed");
+        }
+    }
+
+    /// Requests running or queued on a model now (0 for a model not loaded).
+    pub fn in_flight(&self, name: &str) -> u32 {
+        self.models
+            .get(name)
+            .map_or(0, |m| {
+                let s = m.stats();
+                s.busy_slots + s.queue_depth
+            })
     }
 
     /// The names and digests of every model with a state.

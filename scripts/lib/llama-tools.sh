@@ -15,7 +15,7 @@ LLAMA_CPP_PYTHON_VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 # Exports LLAMA_BENCH and LLAMA_SERVER (absolute paths).
 ensure_llama_tools() {
   local root=target/llama-tools
-  local bin=$root/bin/$LLAMA_CPP_PYTHON_VERSION
+  local bin=$root/bin/$LLAMA_CPP_PYTHON_VERSION-noamx
   export LLAMA_BENCH=$PWD/$bin/llama-bench
   export LLAMA_SERVER=$PWD/$bin/llama-server
   if [ -x "$LLAMA_BENCH" ] && [ -x "$LLAMA_SERVER" ]; then return 0; fi
@@ -48,7 +48,12 @@ ensure_llama_tools() {
   # LLAMA_CURL is gone from this llama.cpp (HTTPS is LLAMA_OPENSSL now); LLAMA_BUILD_NUMBER and
   # LLAMA_BUILD_COMMIT keep its build-info from reading this repository's git history (the
   # unpacked sdist is not a git checkout, but it lies inside ours).
+  # No AMX kernels (they crash on Sapphire Rapids; see .cargo/config.toml): the same
+  # kernels as our engine's build.
+  local no_amx=""
+  if [ "$(uname -m)" = x86_64 ]; then no_amx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"; fi
   cmake -S "$src/vendor/llama.cpp" -B "$build" -DCMAKE_BUILD_TYPE=Release \
+    -DCMAKE_C_FLAGS="$no_amx" -DCMAKE_CXX_FLAGS="$no_amx" \
     -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_BUILD_NUMBER=0 -DLLAMA_BUILD_COMMIT="llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION" \

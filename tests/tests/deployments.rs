@@ -360,3 +360,67 @@ fn seed_partial(agent_dir: &Path, digest: &str, bytes: &[u8]) {
     std::fs::write(dir.join(digest), bytes).unwrap();
 }
 
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_a_node_refuses_new_requests_and_moves_its_replicas() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    w.create("chat", "tiny-chat@1", "*").await.unwrap();
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60)).await;
+
+    // A second node, then drain the first: the replica moves, the first refuses new work.
+    let other_dir = w.agent_dir.with_file_name("agent-2");
+    let other_api = free_port();
+    let other = TestAgent::start_serving(
+        &w.cp.endpoint,
+        &other_dir,
+        Some(w.admin.token(600).await),
+        Some(ServingConfig {
+            listen: other_api,
+            api_keys: vec![API_KEY.into()],
+            models: Vec::new(),
+        }),
+    );
+    let other_id = other.node_id().await;
+    w.admin
+        .wait_for_state(&other_id, steward_proto::admin::v1::NodeState::Ready, Duration::from_secs(10))
+        .await;
+    w.admin
+        .client
+        .clone()
+        .drain_node(w.admin.request(steward_proto::admin::v1::NodeRef { node: w.node_id.clone() }))
+        .await
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = w.show("chat").await;
+        let moved = d.placed.iter().any(|r| {
+            r.node_id == other_id
+                && r.status.as_ref().is_some_and(|s| s.state == ModelState::Ready as i32)
+        });
+        if moved && d.placed.len() == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replica did not move off the draining node: {d:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = w.complete("chat").await;
+    assert!(
+        matches!(refused.status().as_u16(), 503 | 404),
+        "the drained node must not take new requests: {}",
+        refused.status()
+    );
+    let health = reqwest::get(format!("http://{}/healthz", w.api)).await.unwrap();
+    assert_eq!(health.status(), 503, "a draining node is not healthy for new work");
+    let r = reqwest::Client::new()
+        .post(format!("http://{other_api}/v1/completions"))
+        .bearer_auth(API_KEY)
+        .json(&serde_json::json!({"model": "chat", "prompt": "hi", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    other.stop().await.unwrap();
+    w.stop(db).await;
+}

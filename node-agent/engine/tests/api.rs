@@ -39,6 +39,7 @@ async fn serve(model: ModelHandle, registry: Registry, loaded: Option<Loaded>) -
         keys: ApiKeys::new([KEY.to_string(), "sk-second".to_string()]).unwrap(),
         registry: Arc::new(registry),
         loading: Arc::default(),
+        draining: Arc::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -7,7 +7,7 @@ mod openai;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -113,6 +113,9 @@ pub struct ApiState {
     pub registry: Arc<Registry>,
     /// Models still loading; `/healthz` answers 503 until none is.
     pub loading: Arc<AtomicUsize>,
+    /// Set while the node drains: new generations are refused (503) so clients go
+    /// elsewhere, and `/healthz` answers 503; requests already running finish.
+    pub draining: Arc<AtomicBool>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -205,12 +208,15 @@ async fn healthz(State(state): State<ApiState>) -> impl IntoResponse {
         .map(|m| m.name().to_string())
         .collect();
     let loading = state.loading.load(Ordering::Relaxed);
-    let status = if loading == 0 {
-        StatusCode::OK
+    let draining = state.draining.load(Ordering::Relaxed);
+    let (status, text) = if draining {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if loading > 0 {
+        (StatusCode::SERVICE_UNAVAILABLE, "loading")
     } else {
-        StatusCode::SERVICE_UNAVAILABLE
+        (StatusCode::OK, "ok")
     };
-    let body = json!({ "status": if loading == 0 { "ok" } else { "loading" }, "models": models });
+    let body = json!({ "status": text, "models": models });
     (status, axum::Json(body))
 }
 
@@ -226,8 +232,19 @@ enum Kind {
     Completion,
 }
 
+/// The 503 a draining node answers new generations with.
+fn refuse_if_draining(state: &ApiState) -> Result<(), ApiError> {
+    if state.draining.load(Ordering::Relaxed) {
+        return Err(ApiError::unavailable(
+            "this node is draining and takes no new requests; send it to another node",
+        ));
+    }
+    Ok(())
+}
+
 async fn chat_completions(State(state): State<ApiState>, body: Bytes) -> Response {
     let result = async {
+        refuse_if_draining(&state)?;
         let req: openai::ChatCompletionRequest = parse(&body)?;
         let prompt = Prompt::Chat(req.messages()?);
         let generation = req.params.to_request(prompt)?;
@@ -238,6 +255,7 @@ async fn chat_completions(State(state): State<ApiState>, body: Bytes) -> Respons
 
 async fn completions(State(state): State<ApiState>, body: Bytes) -> Response {
     let result = async {
+        refuse_if_draining(&state)?;
         let req: openai::CompletionRequest = parse(&body)?;
         let prompt = Prompt::Text(req.prompt()?);
         let generation = req.params.to_request(prompt)?;

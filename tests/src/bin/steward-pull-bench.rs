@@ -1,0 +1,276 @@
+//! Artifact distribution throughput: one model deployed to 1, 5 and 10 real agents at once.
+//!
+//! A real `steward-control-plane` and N real `steward-node-agent` processes on this machine.
+//! The model is signed and pushed once; then, per round, N freshly enrolled agents are
+//! labelled for the round and a deployment with N replicas is created. The clock runs from
+//! the `deploy create` call until every agent has the verified artifact in its cache (pulled
+//! over mTLS gRPC in chunks, hashed while received, GGUF pre-parsed, signature verified
+//! under the trust policy, renamed into the cache). Aggregate throughput counts agent-bytes
+//! verified per second. The bound is `openssl dgst -sha256` of the same page-cached file,
+//! timed in the same run; the control plane's RSS is sampled every 20 ms.
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! target/release/steward-pull-bench target/models/gemma3-270m-q4_k_m.gguf [1,5,10]
+//! ```
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+struct ControlPlane {
+    child: Child,
+    data: PathBuf,
+    port: u16,
+    credential: String,
+    bin: PathBuf,
+}
+
+impl ControlPlane {
+    fn steward(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(self.bin.join("steward"))
+            .args(args)
+            .env("STEWARD_ENDPOINT", format!("https://127.0.0.1:{}", self.port))
+            .env("STEWARD_TOKEN", &self.credential)
+            .env("STEWARD_CA_FILE", self.data.join("ca.pem"))
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "steward {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let file = PathBuf::from(args.first().context(
+        "usage: steward-pull-bench MODEL.gguf [COUNTS, default 1,5,10]",
+    )?);
+    let counts: Vec<usize> = args
+        .get(1)
+        .map_or("1,5,10", String::as_str)
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("counts must be numbers, e.g. 1,5,10")?;
+    ensure!(file.is_file(), "{} not found", file.display());
+    let bin = std::env::current_exe()?
+        .parent()
+        .context("binary dir")?
+        .to_owned();
+    let work = tempfile::tempdir()?;
+    let mut cp = start_control_plane(&bin, work.path())?;
+    let size = std::fs::metadata(&file)?.len();
+
+    let key = rcgen::KeyPair::generate()?;
+    let key_path = work.path().join("key.pem");
+    let pub_path = work.path().join("key.pub");
+    std::fs::write(&key_path, key.serialize_pem())?;
+    std::fs::write(&pub_path, key.public_key_pem())?;
+    cp.steward(&["trust", "add-key", path(&pub_path)?, "--models", "bench-*"])?;
+    let sig = work.path().join("model.sig");
+    cp.steward(&["model", "sign", path(&file)?, "--key", path(&key_path)?, "--output", path(&sig)?])?;
+    let pushed = cp.steward(&[
+        "-o", "json", "model", "push", path(&file)?, "--name", "bench-model", "--version", "1",
+        "--signature", path(&sig)?,
+    ])?;
+    let digest = serde_json::from_str::<serde_json::Value>(&pushed)?["digest"]
+        .as_str()
+        .context("push output has no digest")?
+        .to_owned();
+
+    warm(&file)?;
+    let bound = (0..3)
+        .map(|_| openssl(&file))
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .min()
+        .context("timing")?;
+    let bound_mbps = size as f64 / 1e6 / bound.as_secs_f64();
+    eprintln!("openssl dgst -sha256: {:.3} s ({bound_mbps:.0} MB/s)", bound.as_secs_f64());
+
+    println!(
+        "| agents | size | wall s | aggregate agent-MB/s | per agent MB/s | aggregate ÷ 1 agent | 1 agent ÷ openssl | cp RSS before MiB | cp RSS peak MiB |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut single = None;
+    for (round, &n) in counts.iter().enumerate() {
+        let mut agents = Vec::new();
+        for i in 0..n {
+            agents.push(start_agent(&cp, work.path(), round, i)?);
+        }
+        wait_ready(&cp, n)?;
+        for a in &agents {
+            cp.steward(&["nodes", "label", &a.name, &format!("round={round}")])?;
+        }
+        let rss_before = rss_mib(cp.child.id())?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let sampler = {
+            let (stop, pid) = (stop.clone(), cp.child.id());
+            std::thread::spawn(move || {
+                let mut peak = 0f64;
+                while !stop.load(Ordering::Relaxed) {
+                    peak = peak.max(rss_mib(pid).unwrap_or(0.0));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                peak
+            })
+        };
+        let started = Instant::now();
+        cp.steward(&[
+            "deploy", "create", &format!("bench-{round}"), "--model", "bench-model@1",
+            "--nodes", &format!("round={round}"), "--replicas", &n.to_string(), "--slots", "1",
+            "--ctx", "256",
+        ])?;
+        let mut pending: Vec<PathBuf> = agents
+            .iter()
+            .map(|a| a.dir.join("artifacts").join(format!("{digest}.gguf")))
+            .collect();
+        while !pending.is_empty() {
+            pending.retain(|p| !p.exists());
+            ensure!(
+                started.elapsed() < Duration::from_secs(600),
+                "agents did not receive the artifact within 10 minutes"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let wall = started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        let peak = sampler.join().map_err(|_| anyhow::anyhow!("sampler"))?;
+        let aggregate = n as f64 * size as f64 / 1e6 / wall;
+        let one = *single.get_or_insert(aggregate);
+        println!(
+            "| {n} | {:.0} MB | {wall:.3} | {aggregate:.0} | {:.0} | {:.2} | {} | {rss_before:.0} | {peak:.0} |",
+            size as f64 / 1e6,
+            aggregate / n as f64,
+            aggregate / one,
+            if n == 1 { format!("{:.2}", aggregate / bound_mbps) } else { "-".into() },
+        );
+        cp.steward(&["deploy", "delete", &format!("bench-{round}")])?;
+        for mut a in agents {
+            let _ = a.child.kill();
+            let _ = a.child.wait();
+        }
+    }
+    let _ = cp.child.kill();
+    let _ = cp.child.wait();
+    Ok(())
+}
+
+struct Agent {
+    child: Child,
+    dir: PathBuf,
+    name: String,
+}
+
+fn start_control_plane(bin: &Path, work: &Path) -> anyhow::Result<ControlPlane> {
+    let data = work.join("cp");
+    let port = free_port()?;
+    let mut child = Command::new(bin.join("steward-control-plane"))
+        .args(["--data-dir", path(&data)?])
+        .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut credential = String::new();
+    for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
+        let line = line?;
+        if let Some(c) = line.strip_prefix("bootstrap admin credential (shown once): ") {
+            credential = c.to_owned();
+        }
+        if line.starts_with("control plane ready") {
+            break;
+        }
+    }
+    ensure!(!credential.is_empty(), "the control plane printed no credential");
+    Ok(ControlPlane {
+        child,
+        data,
+        port,
+        credential,
+        bin: bin.to_owned(),
+    })
+}
+
+fn start_agent(cp: &ControlPlane, work: &Path, round: usize, i: usize) -> anyhow::Result<Agent> {
+    let token_json = cp.steward(&["-o", "json", "token", "create", "--ttl", "10m"])?;
+    let token = serde_json::from_str::<serde_json::Value>(&token_json)?["token"]
+        .as_str()
+        .context("token")?
+        .to_owned();
+    let name = format!("bench-{round}-{i}");
+    let dir = work.join(&name);
+    let child = Command::new(cp.bin.join("steward-node-agent"))
+        .args(["--control-plane", &format!("https://127.0.0.1:{}", cp.port)])
+        .args(["--data-dir", path(&dir)?, "--token", &token, "--name", &name])
+        .args(["--api-listen", &format!("127.0.0.1:{}", free_port()?)])
+        .args(["--api-key", "bench", "--heartbeat-interval", "1s", "--threads", "1"])
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .stderr(Stdio::null())
+        .spawn()?;
+    Ok(Agent { child, dir, name })
+}
+
+/// Waits until `want` nodes are connected and ready.
+fn wait_ready(cp: &ControlPlane, want: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let nodes: serde_json::Value =
+            serde_json::from_str(&cp.steward(&["-o", "json", "nodes", "list"])?)?;
+        let ready = nodes
+            .as_array()
+            .map_or(0, |a| a.iter().filter(|n| n["connected"] == true && n["state"] == "ready").count());
+        if ready >= want {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "only {ready} of {want} agents became ready");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn path(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("non-UTF-8 path")
+}
+
+fn warm(file: &Path) -> anyhow::Result<()> {
+    let mut f = std::fs::File::open(file)?;
+    std::io::copy(&mut f, &mut std::io::sink())?;
+    Ok(())
+}
+
+fn openssl(file: &Path) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let status = Command::new("openssl")
+        .args(["dgst", "-sha256"])
+        .arg(file)
+        .stdout(Stdio::null())
+        .status()
+        .context("running openssl")?;
+    ensure!(status.success(), "openssl failed");
+    Ok(started.elapsed())
+}
+
+fn rss_mib(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .context("VmRSS")?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
