@@ -111,16 +111,31 @@ impl Deployments {
     }
 
     /// Places once at start (what changed while the control plane was down), then whenever
-    /// triggered, until `shutdown`.
+    /// triggered and every 30 s, until `shutdown`. A failed placement (e.g. a busy
+    /// database) is retried after a second.
     pub async fn run(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         loop {
-            if let Err(e) = self.reconcile().await {
-                tracing::error!(error = %steward_telemetry::chain(&e), "placement failed");
-            }
+            let next = match self.reconcile().await {
+                Ok(()) => std::time::Duration::from_secs(30),
+                Err(e) => {
+                    tracing::warn!(error = %steward_telemetry::chain(&e), "placement failed; retrying");
+                    std::time::Duration::from_secs(1)
+                }
+            };
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = self.wake.notified() => {}
+                () = tokio::time::sleep(next) => {}
             }
+        }
+    }
+
+    /// Places now; when that fails, the background loop retries (the change that asked for
+    /// it is already stored, so the caller's request still succeeds).
+    pub async fn replace_now(&self) {
+        if let Err(e) = self.reconcile().await {
+            tracing::warn!(error = %steward_telemetry::chain(&e), "placement failed; retrying in the background");
+            self.trigger();
         }
     }
 
@@ -163,7 +178,7 @@ impl Deployments {
             deployment_details(&record),
         );
         self.fleet.store.insert_deployment(&record, event).await?;
-        self.reconcile().await?;
+        self.replace_now().await;
         self.status(name).await
     }
 
@@ -197,14 +212,14 @@ impl Deployments {
         details["previous_digest"] = json!(previous_digest);
         let event = audit(actor, "deployment.update", name, "success", details);
         self.fleet.store.update_deployment(&record, event).await?;
-        self.reconcile().await?;
+        self.replace_now().await;
         self.status(name).await
     }
 
     pub async fn delete(&self, actor: &Actor, name: &str) -> Result<(), DeployError> {
         let event = audit(actor, "deployment.delete", name, "success", json!({}));
         self.fleet.store.delete_deployment(name, event).await?;
-        self.reconcile().await?;
+        self.replace_now().await;
         Ok(())
     }
 
@@ -495,7 +510,10 @@ fn check_record(d: &DeploymentRecord) -> Result<(), DeployError> {
     Selector::parse(&d.selector).map_err(DeployError::InvalidArgument)?;
     let invalid = |m: String| Err(DeployError::InvalidArgument(m));
     if d.replicas == 0 || d.replicas > MAX_REPLICAS {
-        return invalid(format!("--replicas must be 1-{MAX_REPLICAS}, got {}", d.replicas));
+        return invalid(format!(
+            "--replicas must be 1-{MAX_REPLICAS}, got {}",
+            d.replicas
+        ));
     }
     if d.slots == 0 || d.slots > MAX_SLOTS {
         return invalid(format!("--slots must be 1-{MAX_SLOTS}, got {}", d.slots));

@@ -307,7 +307,11 @@ mod tests {
         assert!(Selector::parse("*").unwrap().matches(&n));
         assert!(Selector::parse("dept=radiology").unwrap().matches(&n));
         assert!(Selector::parse("gpu-1").unwrap().matches(&n));
-        assert!(Selector::parse("name=gpu-1,dept=radiology").unwrap().matches(&n));
+        assert!(
+            Selector::parse("name=gpu-1,dept=radiology")
+                .unwrap()
+                .matches(&n)
+        );
         assert!(!Selector::parse("dept=oncology").unwrap().matches(&n));
         assert!(!Selector::parse("name=gpu-2").unwrap().matches(&n));
         for bad in ["", "a=", "=b", "a=b=c"] {

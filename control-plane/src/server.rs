@@ -22,14 +22,14 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::blobs::BlobStore;
-use crate::fleet::{Actor, Fleet, FleetSettings, audit, now_unix};
 use crate::deployments::Deployments;
+use crate::fleet::{Actor, Fleet, FleetSettings, audit, now_unix};
 use crate::grpc::deployments::DeploymentApi;
 use crate::grpc::models::{AuditApi, ModelApi, TrustApi};
-use crate::placement::Strategy;
 use crate::grpc::{admin::AdminApi, agent::AgentApi};
 use crate::metrics::Metrics;
 use crate::pki::{CertificateAuthority, PkiError};
+use crate::placement::Strategy;
 use crate::registry::{Registry, RegistrySettings};
 
 /// Largest gRPC message a push may carry (the CLI sends 1 MiB chunks; headers carry the

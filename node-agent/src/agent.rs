@@ -129,11 +129,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                     ..LoadDefaults::default()
                 },
             );
-            Some(tokio::spawn(runner.run(reconciler.watch(), shutdown.clone())))
+            Some(tokio::spawn(
+                runner.run(reconciler.watch(), shutdown.clone()),
+            ))
         }
         None => {
             if !reconciler.applied().models.is_empty() {
-                tracing::warn!("models are assigned to this node, but it runs without inference (start it with --api-listen)");
+                tracing::warn!(
+                    "models are assigned to this node, but it runs without inference (start it with --api-listen)"
+                );
             }
             None
         }

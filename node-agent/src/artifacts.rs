@@ -142,7 +142,9 @@ impl ArtifactCache {
                     discard(&partial);
                     return Err(ArtifactError::Interrupted {
                         at: 0,
-                        reason: format!("the control plane sent more than the {total} bytes announced"),
+                        reason: format!(
+                            "the control plane sent more than the {total} bytes announced"
+                        ),
                     });
                 }
                 hasher.update(&chunk.data);
@@ -188,7 +190,9 @@ impl ArtifactCache {
             match std::fs::remove_file(&path) {
                 Ok(()) => tracing::info!(path = %path.display(), "deleted artifact"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot delete artifact"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot delete artifact")
+                }
             }
         }
     }
@@ -313,7 +317,8 @@ async fn verify(
         .map_err(|e| e.to_string())?;
     facts.map_err(|e| format!("GGUF pre-parse: {}", steward_telemetry::chain(&e)))?;
     let policy = policy(trust);
-    let bundle = (!assignment.signature_bundle.is_empty()).then_some(&assignment.signature_bundle[..]);
+    let bundle =
+        (!assignment.signature_bundle.is_empty()).then_some(&assignment.signature_bundle[..]);
     policy
         .evaluate(
             &assignment.model_name,
@@ -373,7 +378,10 @@ mod tests {
         let keep = BTreeSet::from(["older-but-kept".to_owned()]);
         let evicted = cache.evict(&keep);
         assert_eq!(evicted, ["old", "middle"]);
-        assert!(cache.path_of("older-but-kept").exists(), "needed: never evicted");
+        assert!(
+            cache.path_of("older-but-kept").exists(),
+            "needed: never evicted"
+        );
         assert!(cache.path_of("new").exists());
     }
 

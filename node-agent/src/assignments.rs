@@ -73,7 +73,11 @@ impl Assignments {
     }
 
     /// Follows the applied desired state until `shutdown`.
-    pub async fn run(self, mut desired: watch::Receiver<DesiredState>, shutdown: CancellationToken) {
+    pub async fn run(
+        self,
+        mut desired: watch::Receiver<DesiredState>,
+        shutdown: CancellationToken,
+    ) {
         let mut running: BTreeMap<String, Running> = BTreeMap::new();
         loop {
             let state = desired.borrow_and_update().clone();
@@ -92,11 +96,8 @@ impl Assignments {
     async fn converge(&self, state: &DesiredState, running: &mut BTreeMap<String, Running>) {
         self.serving.set_draining(state.drain);
         let revoked: BTreeSet<&str> = state.revoked_digests.iter().map(String::as_str).collect();
-        let wanted: BTreeMap<&str, &ModelAssignment> = state
-            .models
-            .iter()
-            .map(|m| (m.name.as_str(), m))
-            .collect();
+        let wanted: BTreeMap<&str, &ModelAssignment> =
+            state.models.iter().map(|m| (m.name.as_str(), m)).collect();
         // Stop what is no longer wanted as it is (removed, changed, or revoked).
         let stale: Vec<String> = running
             .iter()
@@ -181,7 +182,12 @@ impl Assignments {
     }
 
     /// Pulls (retrying transient failures with backoff), then loads one model.
-    async fn serve_one(self, assignment: ModelAssignment, trust: AgentTrustPolicy, cancel: CancellationToken) {
+    async fn serve_one(
+        self,
+        assignment: ModelAssignment,
+        trust: AgentTrustPolicy,
+        cancel: CancellationToken,
+    ) {
         let name = assignment.name.clone();
         let digest = assignment.digest.clone();
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
@@ -238,7 +244,8 @@ impl Assignments {
         assignment: &ModelAssignment,
         trust: &AgentTrustPolicy,
     ) -> Result<std::path::PathBuf, crate::artifacts::ArtifactError> {
-        let transient = |reason: String| crate::artifacts::ArtifactError::Interrupted { at: 0, reason };
+        let transient =
+            |reason: String| crate::artifacts::ArtifactError::Interrupted { at: 0, reason };
         let identity = self
             .identity
             .load()
@@ -262,6 +269,8 @@ impl Assignments {
             };
             serving.set_state(&name, &digest, slot);
         };
-        self.cache.pull(&mut client, assignment, trust, &progress).await
+        self.cache
+            .pull(&mut client, assignment, trust, &progress)
+            .await
     }
 }

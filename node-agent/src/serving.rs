@@ -64,7 +64,10 @@ impl ModelReporter for NoModels {
 #[derive(Clone, Debug)]
 pub enum Slot {
     /// Fetching its artifact from the control plane.
-    Pulling { done: u64, total: u64 },
+    Pulling {
+        done: u64,
+        total: u64,
+    },
     /// Checking the fetched file (digest, signature, GGUF pre-parse).
     Verifying,
     Loading,
@@ -244,12 +247,10 @@ impl Serving {
 
     /// Requests running or queued on a model now (0 for a model not loaded).
     pub fn in_flight(&self, name: &str) -> u32 {
-        self.models
-            .get(name)
-            .map_or(0, |m| {
-                let s = m.stats();
-                s.busy_slots + s.queue_depth
-            })
+        self.models.get(name).map_or(0, |m| {
+            let s = m.stats();
+            s.busy_slots + s.queue_depth
+        })
     }
 
     /// The names and digests of every model with a state.

@@ -10,8 +10,7 @@ use steward_engine::tiny_model::TinyModel;
 use steward_node_agent::serving::ServingConfig;
 use steward_proto::admin::v1::deployment_service_client::DeploymentServiceClient;
 use steward_proto::admin::v1::{
-    CreateDeploymentRequest, Deployment, DeploymentRef, LabelNodeRequest, Model,
-    RevokeModelRequest,
+    CreateDeploymentRequest, Deployment, DeploymentRef, LabelNodeRequest, Model, RevokeModelRequest,
 };
 use steward_proto::agent::v1::ModelState;
 use steward_tests::{
@@ -73,7 +72,11 @@ impl World {
         world.node_id = world.agent.as_ref().unwrap().node_id().await;
         world
             .admin
-            .wait_for_state(&world.node_id, steward_proto::admin::v1::NodeState::Ready, Duration::from_secs(10))
+            .wait_for_state(
+                &world.node_id,
+                steward_proto::admin::v1::NodeState::Ready,
+                Duration::from_secs(10),
+            )
             .await;
         world
     }
@@ -92,7 +95,12 @@ impl World {
         ));
     }
 
-    async fn create(&self, name: &str, model: &str, selector: &str) -> Result<Deployment, tonic::Status> {
+    async fn create(
+        &self,
+        name: &str,
+        model: &str,
+        selector: &str,
+    ) -> Result<Deployment, tonic::Status> {
         self.deploy
             .clone()
             .create_deployment(self.admin.request(CreateDeploymentRequest {
@@ -128,7 +136,10 @@ impl World {
             }) {
                 return d;
             }
-            assert!(Instant::now() < deadline, "replica of {name} not {state:?} in {within:?}: {d:#?}");
+            assert!(
+                Instant::now() < deadline,
+                "replica of {name} not {state:?} in {within:?}: {d:#?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -141,7 +152,11 @@ impl World {
             if !node.models.iter().any(|m| m.name == name) {
                 return;
             }
-            assert!(Instant::now() < deadline, "{name} still reported: {:?}", node.models);
+            assert!(
+                Instant::now() < deadline,
+                "{name} still reported: {:?}",
+                node.models
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -157,7 +172,9 @@ impl World {
     }
 
     fn cached_file(&self) -> PathBuf {
-        self.agent_dir.join("artifacts").join(format!("{}.gguf", self.model.digest))
+        self.agent_dir
+            .join("artifacts")
+            .join(format!("{}.gguf", self.model.digest))
     }
 
     async fn artifact_bytes_sent(&self) -> u64 {
@@ -194,38 +211,58 @@ async fn a_deployed_model_is_pulled_verified_loaded_and_served(backend: Backend)
         }))
         .await
         .unwrap();
-    let created = w.create("chat", "tiny-chat@1", "dept=radiology").await.unwrap();
+    let created = w
+        .create("chat", "tiny-chat@1", "dept=radiology")
+        .await
+        .unwrap();
     assert_eq!(created.digest, w.model.digest);
-    assert_eq!(created.placed.len(), 1, "placed on the labelled node: {created:?}");
+    assert_eq!(
+        created.placed.len(),
+        1,
+        "placed on the labelled node: {created:?}"
+    );
 
-    let d = w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60)).await;
+    let d = w
+        .wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
+        .await;
     assert_eq!(d.placed[0].digest, w.model.digest);
-    assert!(w.cached_file().exists(), "verified artifact renamed into the cache");
+    assert!(
+        w.cached_file().exists(),
+        "verified artifact renamed into the cache"
+    );
     let r = w.complete("chat").await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 
     let node = w.admin.node(&w.node_id).await;
     assert!(node.applied_generation >= node.desired_generation - 1);
-    let actions: Vec<String> = w
-        .cp
-        .store()
-        .audit_events()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.action)
-        .collect();
+    let actions: Vec<String> =
+        w.cp.store()
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action)
+            .collect();
     for expected in ["deployment.create", "node.assign", "node.label"] {
-        assert!(actions.iter().any(|a| a == expected), "{expected} not audited: {actions:?}");
+        assert!(
+            actions.iter().any(|a| a == expected),
+            "{expected} not audited: {actions:?}"
+        );
     }
 
     w.deploy
         .clone()
-        .delete_deployment(w.admin.request(DeploymentRef { name: "chat".into() }))
+        .delete_deployment(w.admin.request(DeploymentRef {
+            name: "chat".into(),
+        }))
         .await
         .unwrap();
     w.wait_gone("chat").await;
-    assert_eq!(w.complete("chat").await.status(), 404, "unloaded after delete");
+    assert_eq!(
+        w.complete("chat").await.status(),
+        404,
+        "unloaded after delete"
+    );
     w.stop(db).await;
 }
 
@@ -233,7 +270,8 @@ async fn revoking_a_deployed_model_unloads_and_deletes_it_on_the_agent(backend: 
     let db = TestDb::new(backend).await;
     let w = World::start(&db).await;
     w.create("chat", "tiny-chat@1", "*").await.unwrap();
-    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60)).await;
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
+        .await;
     w.admin
         .models()
         .revoke_model(w.admin.request(RevokeModelRequest {
@@ -245,20 +283,29 @@ async fn revoking_a_deployed_model_unloads_and_deletes_it_on_the_agent(backend: 
     w.wait_gone("chat").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while w.cached_file().exists() {
-        assert!(Instant::now() < deadline, "revoked artifact not deleted from the agent's cache");
+        assert!(
+            Instant::now() < deadline,
+            "revoked artifact not deleted from the agent's cache"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(w.complete("chat").await.status(), 404);
     let d = w.show("chat").await;
     assert_eq!(d.missing_replicas, 1);
     assert!(
-        d.unschedulable_reasons.iter().any(|r| r.contains("revoked")),
+        d.unschedulable_reasons
+            .iter()
+            .any(|r| r.contains("revoked")),
         "{:?}",
         d.unschedulable_reasons
     );
     let refused = w.create("again", &w.model.digest, "*").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-    assert!(refused.message().contains("revoked"), "{}", refused.message());
+    assert!(
+        refused.message().contains("revoked"),
+        "{}",
+        refused.message()
+    );
     w.stop(db).await;
 }
 
@@ -276,23 +323,29 @@ async fn bad_deployments_are_refused_with_the_reason() {
     let bad_name = w.create("bad name!", "tiny-chat@1", "*").await.unwrap_err();
     assert_eq!(bad_name.code(), tonic::Code::InvalidArgument);
     let bad_selector = w.create("x", "tiny-chat@1", "a=b=c").await.unwrap_err();
-    assert!(bad_selector.message().contains("selector"), "{}", bad_selector.message());
+    assert!(
+        bad_selector.message().contains("selector"),
+        "{}",
+        bad_selector.message()
+    );
     w.create("x", "tiny-chat@1", "*").await.unwrap();
     let twice = w.create("x", "tiny-chat@1", "*").await.unwrap_err();
     assert_eq!(twice.code(), tonic::Code::AlreadyExists);
 
-    let nowhere = w.create("nowhere", "tiny-chat@1", "dept=oncology").await.unwrap();
+    let nowhere = w
+        .create("nowhere", "tiny-chat@1", "dept=oncology")
+        .await
+        .unwrap();
     assert_eq!(nowhere.missing_replicas, 1, "{nowhere:?}");
     assert!(nowhere.placed.is_empty());
-    let refusals = w
-        .cp
-        .store()
-        .audit_events()
-        .await
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.action == "deployment.create" && e.outcome == "refused")
-        .count();
+    let refusals =
+        w.cp.store()
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.action == "deployment.create" && e.outcome == "refused")
+            .count();
     assert!(refusals >= 1, "refused deployments are audited");
     w.stop(db).await;
 }
@@ -305,7 +358,8 @@ async fn corrupted_bytes_are_discarded_and_fetched_again() {
     // does not match, the file is discarded and fetched again from the start.
     seed_partial(&w.agent_dir, &w.model.digest, &vec![0xAB; 4096]);
     w.create("chat", "tiny-chat@1", "*").await.unwrap();
-    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60)).await;
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
+        .await;
     assert_eq!(
         std::fs::read(w.cached_file()).unwrap().len() as u64,
         w.model.size_bytes
@@ -319,15 +373,25 @@ async fn a_pull_resumes_from_the_bytes_already_received() {
     let db = TestDb::new(Backend::Sqlite).await;
     let w = World::start(&db).await;
     let digest = &w.model.digest;
-    let blob = w.cp.data_dir.path().join("blobs/sha256").join(&digest[..2]).join(digest);
+    let blob =
+        w.cp.data_dir
+            .path()
+            .join("blobs/sha256")
+            .join(&digest[..2])
+            .join(digest);
     let source = std::fs::read(blob).unwrap();
     let half = source.len() / 2;
     seed_partial(&w.agent_dir, &w.model.digest, &source[..half]);
     let before = w.artifact_bytes_sent().await;
     w.create("chat", "tiny-chat@1", "*").await.unwrap();
-    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60)).await;
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
+        .await;
     let sent = w.artifact_bytes_sent().await - before;
-    assert_eq!(sent, (source.len() - half) as u64, "only the missing half was sent");
+    assert_eq!(
+        sent,
+        (source.len() - half) as u64,
+        "only the missing half was sent"
+    );
     w.stop(db).await;
 }
 
@@ -336,18 +400,29 @@ async fn an_agent_restarted_without_its_control_plane_serves_what_it_last_applie
     let db = TestDb::new(Backend::Sqlite).await;
     let mut w = World::start(&db).await;
     w.create("chat", "tiny-chat@1", "*").await.unwrap();
-    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60)).await;
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
+        .await;
     let cp = w.cp.control_plane.take().unwrap();
     cp.stop().await;
     w.agent.take().unwrap().stop().await.unwrap();
     w.start_agent(None);
+    // The API comes up once the agent restarted; the model loads from its cache.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let r = w.complete("chat").await;
-        if r.status() == 200 {
+        let status = reqwest::Client::new()
+            .post(format!("http://{}/v1/completions", w.api))
+            .bearer_auth(API_KEY)
+            .json(&serde_json::json!({"model": "chat", "prompt": "hello", "max_tokens": 2}))
+            .send()
+            .await
+            .map(|r| r.status().as_u16());
+        if status.as_ref().is_ok_and(|s| *s == 200) {
             break;
         }
-        assert!(Instant::now() < deadline, "not served after restart: {}", r.status());
+        assert!(
+            Instant::now() < deadline,
+            "not served after restart: {status:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     w.agent.take().unwrap().stop().await.unwrap();
@@ -360,13 +435,13 @@ fn seed_partial(agent_dir: &Path, digest: &str, bytes: &[u8]) {
     std::fs::write(dir.join(digest), bytes).unwrap();
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_a_node_refuses_new_requests_and_moves_its_replicas() {
     let db = TestDb::new(Backend::Sqlite).await;
     let w = World::start(&db).await;
     w.create("chat", "tiny-chat@1", "*").await.unwrap();
-    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60)).await;
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
+        .await;
 
     // A second node, then drain the first: the replica moves, the first refuses new work.
     let other_dir = w.agent_dir.with_file_name("agent-2");
@@ -383,12 +458,18 @@ async fn draining_a_node_refuses_new_requests_and_moves_its_replicas() {
     );
     let other_id = other.node_id().await;
     w.admin
-        .wait_for_state(&other_id, steward_proto::admin::v1::NodeState::Ready, Duration::from_secs(10))
+        .wait_for_state(
+            &other_id,
+            steward_proto::admin::v1::NodeState::Ready,
+            Duration::from_secs(10),
+        )
         .await;
     w.admin
         .client
         .clone()
-        .drain_node(w.admin.request(steward_proto::admin::v1::NodeRef { node: w.node_id.clone() }))
+        .drain_node(w.admin.request(steward_proto::admin::v1::NodeRef {
+            node: w.node_id.clone(),
+        }))
         .await
         .unwrap();
 
@@ -397,12 +478,17 @@ async fn draining_a_node_refuses_new_requests_and_moves_its_replicas() {
         let d = w.show("chat").await;
         let moved = d.placed.iter().any(|r| {
             r.node_id == other_id
-                && r.status.as_ref().is_some_and(|s| s.state == ModelState::Ready as i32)
+                && r.status
+                    .as_ref()
+                    .is_some_and(|s| s.state == ModelState::Ready as i32)
         });
         if moved && d.placed.len() == 1 {
             break;
         }
-        assert!(Instant::now() < deadline, "replica did not move off the draining node: {d:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "replica did not move off the draining node: {d:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let refused = w.complete("chat").await;
@@ -411,8 +497,14 @@ async fn draining_a_node_refuses_new_requests_and_moves_its_replicas() {
         "the drained node must not take new requests: {}",
         refused.status()
     );
-    let health = reqwest::get(format!("http://{}/healthz", w.api)).await.unwrap();
-    assert_eq!(health.status(), 503, "a draining node is not healthy for new work");
+    let health = reqwest::get(format!("http://{}/healthz", w.api))
+        .await
+        .unwrap();
+    assert_eq!(
+        health.status(),
+        503,
+        "a draining node is not healthy for new work"
+    );
     let r = reqwest::Client::new()
         .post(format!("http://{other_api}/v1/completions"))
         .bearer_auth(API_KEY)

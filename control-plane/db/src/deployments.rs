@@ -1,6 +1,9 @@
 //! Storage for deployments, node labels and each node's assigned models.
 
-use sea_orm::{ActiveModelTrait, ActiveValue::Set, EntityTrait, QueryOrder};
+use sea_orm::sea_query::{Expr, ExprTrait as _};
+use sea_orm::{
+    ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
+};
 
 use crate::entity::{deployment, node};
 use crate::records::*;
@@ -13,9 +16,9 @@ fn deployment_record(m: deployment::Model) -> DeploymentRecord {
         model_version: m.model_version,
         digest: m.digest,
         selector: m.selector,
-        replicas: m.replicas.max(0) as u32,
-        slots: m.slots.max(0) as u32,
-        context_per_slot: m.context_per_slot.max(0) as u32,
+        replicas: u32::try_from(m.replicas).unwrap_or(0),
+        slots: u32::try_from(m.slots).unwrap_or(0),
+        context_per_slot: u32::try_from(m.context_per_slot).unwrap_or(0),
         gpu_layers: m.gpu_layers,
         created_at: m.created_at,
         updated_at: m.updated_at,
@@ -113,56 +116,70 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces a node's labels with its audit event.
+    /// Replaces a node's labels with its audit event. Writes before it reads, so on SQLite
+    /// the transaction holds the write lock from its first statement (a read-then-write
+    /// transaction fails with `SQLITE_BUSY_SNAPSHOT` when another writer commits between).
     pub async fn set_node_labels(
         &self,
         id: &str,
         labels: &std::collections::BTreeMap<String, String>,
         audit: NewAuditEvent,
     ) -> Result<NodeRecord, DbError> {
+        let json = serde_json::to_string(labels).map_err(|e| DbError::Corrupt {
+            what: "node labels",
+            detail: e.to_string(),
+        })?;
         let txn = self.begin_audited().await?;
-        let current = node::Entity::find_by_id(id)
+        let changed = node::Entity::update_many()
+            .col_expr(node::Column::Labels, Expr::value(json))
+            .filter(node::Column::Id.eq(id))
+            .exec(&*txn)
+            .await?
+            .rows_affected;
+        if changed == 0 {
+            return Err(DbError::NotFound(format!("node {id}")));
+        }
+        let updated = node::Entity::find_by_id(id)
             .one(&*txn)
             .await?
             .ok_or_else(|| DbError::NotFound(format!("node {id}")))?;
-        let mut model: node::ActiveModel = current.into();
-        model.labels = Set(serde_json::to_string(labels).map_err(|e| DbError::Corrupt {
-            what: "node labels",
-            detail: e.to_string(),
-        })?);
-        let updated = model.update(&*txn).await?;
         txn.commit(Some(audit)).await?;
         node_record(updated)
     }
 
     /// Sets a node's assigned models. When they differ from what is stored, the desired
     /// generation is bumped in the same write (with the audit event) and the updated node
-    /// is returned; otherwise `None` and nothing is written.
+    /// is returned; otherwise `None` and nothing is written. Writes first, as above.
     pub async fn set_node_desired_models(
         &self,
         id: &str,
         models: &[AssignedModel],
         audit: NewAuditEvent,
     ) -> Result<Option<NodeRecord>, DbError> {
-        let txn = self.begin_audited().await?;
-        let current = node::Entity::find_by_id(id)
-            .one(&*txn)
-            .await?
-            .ok_or_else(|| DbError::NotFound(format!("node {id}")))?;
         let json = serde_json::to_string(models).map_err(|e| DbError::Corrupt {
             what: "node desired models",
             detail: e.to_string(),
         })?;
-        let stored: Vec<AssignedModel> =
-            serde_json::from_str(&current.desired_models).unwrap_or_default();
-        if stored == models {
+        let txn = self.begin_audited().await?;
+        let changed = node::Entity::update_many()
+            .col_expr(node::Column::DesiredModels, Expr::value(json.clone()))
+            .col_expr(
+                node::Column::DesiredGeneration,
+                Expr::col(node::Column::DesiredGeneration).add(1),
+            )
+            .filter(node::Column::Id.eq(id))
+            .filter(node::Column::DesiredModels.ne(json))
+            .exec(&*txn)
+            .await?
+            .rows_affected;
+        if changed == 0 {
+            txn.commit(None).await?;
             return Ok(None);
         }
-        let generation = current.desired_generation + 1;
-        let mut model: node::ActiveModel = current.into();
-        model.desired_models = Set(json);
-        model.desired_generation = Set(generation);
-        let updated = model.update(&*txn).await?;
+        let updated = node::Entity::find_by_id(id)
+            .one(&*txn)
+            .await?
+            .ok_or_else(|| DbError::NotFound(format!("node {id}")))?;
         txn.commit(Some(audit)).await?;
         node_record(updated).map(Some)
     }

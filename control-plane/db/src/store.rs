@@ -561,7 +561,14 @@ impl Store {
     /// Starts a transaction that may append to the audit log; see [`AuditedTxn`].
     pub(crate) async fn begin_audited(&self) -> Result<AuditedTxn<'_>, DbError> {
         let chain = self.audit_lock.lock().await;
-        let txn = self.db.begin().await?;
+        // SQLite: take the write lock at BEGIN. A deferred transaction that reads and then
+        // writes fails at once (SQLITE_BUSY_SNAPSHOT) when another connection committed in
+        // between, e.g. a session recording an applied generation; an immediate one waits.
+        let options = sea_orm::TransactionOptions {
+            sqlite_transaction_mode: Some(sea_orm::SqliteTransactionMode::Immediate),
+            ..Default::default()
+        };
+        let txn = self.db.begin_with_options(options).await?;
         Ok(AuditedTxn {
             txn,
             _chain: chain,

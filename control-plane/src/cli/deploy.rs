@@ -93,7 +93,11 @@ pub async fn run(
                 context_per_slot: ctx,
                 gpu_layers: (layers >= 0).then_some(layers),
             });
-            one(client.deployments.create_deployment(request).await?.into_inner())
+            one(client
+                .deployments
+                .create_deployment(request)
+                .await?
+                .into_inner())
         }
         DeployCommand::Update {
             name,
@@ -113,7 +117,11 @@ pub async fn run(
                 context_per_slot: ctx,
                 gpu_layers: layers.as_deref().map(gpu_layers).transpose()?,
             });
-            one(client.deployments.update_deployment(request).await?.into_inner())
+            one(client
+                .deployments
+                .update_deployment(request)
+                .await?
+                .into_inner())
         }
         DeployCommand::Delete { name } => {
             let request = client.request(wire::DeploymentRef { name: name.clone() });
@@ -136,7 +144,11 @@ pub async fn run(
         }
         DeployCommand::Show { name } => {
             let request = client.request(wire::DeploymentRef { name });
-            one(client.deployments.get_deployment(request).await?.into_inner())
+            one(client
+                .deployments
+                .get_deployment(request)
+                .await?
+                .into_inner())
         }
     }
 }

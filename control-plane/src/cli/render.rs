@@ -164,7 +164,11 @@ pub fn node_detail(node: &Node, now: i64) -> String {
     line("State:", node_state(node).into());
     line("Scheduling:", scheduling(node).into());
     if !node.labels.is_empty() {
-        let mut labels: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut labels: Vec<String> = node
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         labels.sort();
         line("Labels:", labels.join(","));
     }
@@ -652,7 +656,10 @@ pub fn deployment_detail(d: &steward_proto::admin::v1::Deployment) -> String {
     line("Model:", format!("{}@{}", d.model_name, d.model_version));
     line("Digest:", d.digest.clone());
     line("Selector:", d.selector.clone());
-    line("Replicas:", format!("{} wanted, {} placed", d.replicas, d.placed.len()));
+    line(
+        "Replicas:",
+        format!("{} wanted, {} placed", d.replicas, d.placed.len()),
+    );
     line(
         "Per replica:",
         format!(

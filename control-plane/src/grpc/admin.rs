@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use steward_proto::admin::v1::admin_service_server::AdminService;
 use steward_proto::admin::v1::{
-    CreateEnrollmentTokenRequest, CreateEnrollmentTokenResponse, EnrollmentToken,
+    CreateEnrollmentTokenRequest, CreateEnrollmentTokenResponse, EnrollmentToken, LabelNodeRequest,
     ListEnrollmentTokensRequest, ListEnrollmentTokensResponse, ListNodesRequest, ListNodesResponse,
-    LabelNodeRequest, Node, NodeRef, RevokeEnrollmentTokenRequest,
+    Node, NodeRef, RevokeEnrollmentTokenRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -30,9 +30,7 @@ impl AdminApi {
     /// Re-places replicas after a change to what placement depends on (cordon, drain,
     /// labels); the node is read again for its new desired generation.
     async fn replaced(&self, node: steward_db::NodeRecord) -> Result<Response<Node>, Status> {
-        if let Err(e) = self.deployments.reconcile().await {
-            tracing::error!(error = %steward_telemetry::chain(&e), "placement failed");
-        }
+        self.deployments.replace_now().await;
         let node = self.fleet.require_node(&node.id).await.map_err(status)?;
         Ok(Response::new(self.node(node)))
     }

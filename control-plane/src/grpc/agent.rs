@@ -265,7 +265,15 @@ async fn run_session(
         }))
         .await;
 
-    let result = session_loop(fleet, deployments, node_id, &session, &mut inbound, inventory).await;
+    let result = session_loop(
+        fleet,
+        deployments,
+        node_id,
+        &session,
+        &mut inbound,
+        inventory,
+    )
+    .await;
 
     if fleet.sessions.close(node_id, session.epoch)
         && let Err(e) = fleet.node_disconnected(node_id).await

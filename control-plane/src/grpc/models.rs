@@ -269,9 +269,7 @@ impl ModelService for ModelApi {
             .await
             .map_err(|e| status(&e))?;
         // Agents stop serving it and delete it with their next desired state.
-        if let Err(e) = self.deployments.reconcile().await {
-            tracing::error!(error = %steward_telemetry::chain(&e), "placement after a revocation failed");
-        }
+        self.deployments.replace_now().await;
         Ok(Response::new(model(revoked.remove(0))))
     }
 }

@@ -215,7 +215,8 @@ async fn main() -> std::process::ExitCode {
             config.heartbeat_interval = a.heartbeat_interval;
             config.serving = a.inference.serving();
             config.threads = a.inference.threads;
-            config.cache_budget_bytes = (a.inference.cache_budget_gib.max(0.0) * (1u64 << 30) as f64) as u64;
+            config.cache_budget_bytes =
+                (a.inference.cache_budget_gib.max(0.0) * (1u64 << 30) as f64) as u64;
             run(config, shutdown).await.map_err(anyhow::Error::from)
         }
     };

@@ -401,7 +401,9 @@ impl Bench {
             let (server, target) = self.start(side, slots).await?;
             servers.push((side, server, target));
         }
-        let result = self.measure_running(&servers, slots, clients, measured).await;
+        let result = self
+            .measure_running(&servers, slots, clients, measured)
+            .await;
         for (_, server, _) in servers {
             server.stop().await?;
         }
@@ -486,21 +488,16 @@ impl Bench {
             let mut halves: BTreeMap<Side, Phase> = BTreeMap::new();
             for half in 0..2 {
                 for (side, _, target) in ordered(half) {
-                    let phase = openai_load::run_phase(
-                        &http,
-                        target,
-                        c,
-                        per_half,
-                        |client, i| Request {
+                    let phase =
+                        openai_load::run_phase(&http, target, c, per_half, |client, i| Request {
                             prompt: prompt(
                                 c * 10_000 + client * 1_000 + half * per_half + i,
                                 words,
                             ),
                             max_tokens,
-                        },
-                    )
-                    .await
-                    .with_context(|| format!("{}: {c} clients", side.label()))?;
+                        })
+                        .await
+                        .with_context(|| format!("{}: {c} clients", side.label()))?;
                     match halves.remove(side) {
                         Some(first) => halves.insert(*side, first.merge(phase)),
                         None => halves.insert(*side, phase),

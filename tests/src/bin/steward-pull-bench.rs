@@ -35,7 +35,10 @@ impl ControlPlane {
     fn steward(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(self.bin.join("steward"))
             .args(args)
-            .env("STEWARD_ENDPOINT", format!("https://127.0.0.1:{}", self.port))
+            .env(
+                "STEWARD_ENDPOINT",
+                format!("https://127.0.0.1:{}", self.port),
+            )
             .env("STEWARD_TOKEN", &self.credential)
             .env("STEWARD_CA_FILE", self.data.join("ca.pem"))
             .output()?;
@@ -52,9 +55,10 @@ impl ControlPlane {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let file = PathBuf::from(args.first().context(
-        "usage: steward-pull-bench MODEL.gguf [COUNTS, default 1,5,10]",
-    )?);
+    let file = PathBuf::from(
+        args.first()
+            .context("usage: steward-pull-bench MODEL.gguf [COUNTS, default 1,5,10]")?,
+    );
     let counts: Vec<usize> = args
         .get(1)
         .map_or("1,5,10", String::as_str)
@@ -78,10 +82,27 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(&pub_path, key.public_key_pem())?;
     cp.steward(&["trust", "add-key", path(&pub_path)?, "--models", "bench-*"])?;
     let sig = work.path().join("model.sig");
-    cp.steward(&["model", "sign", path(&file)?, "--key", path(&key_path)?, "--output", path(&sig)?])?;
+    cp.steward(&[
+        "model",
+        "sign",
+        path(&file)?,
+        "--key",
+        path(&key_path)?,
+        "--output",
+        path(&sig)?,
+    ])?;
     let pushed = cp.steward(&[
-        "-o", "json", "model", "push", path(&file)?, "--name", "bench-model", "--version", "1",
-        "--signature", path(&sig)?,
+        "-o",
+        "json",
+        "model",
+        "push",
+        path(&file)?,
+        "--name",
+        "bench-model",
+        "--version",
+        "1",
+        "--signature",
+        path(&sig)?,
     ])?;
     let digest = serde_json::from_str::<serde_json::Value>(&pushed)?["digest"]
         .as_str()
@@ -96,7 +117,10 @@ fn main() -> anyhow::Result<()> {
         .min()
         .context("timing")?;
     let bound_mbps = size as f64 / 1e6 / bound.as_secs_f64();
-    eprintln!("openssl dgst -sha256: {:.3} s ({bound_mbps:.0} MB/s)", bound.as_secs_f64());
+    eprintln!(
+        "openssl dgst -sha256: {:.3} s ({bound_mbps:.0} MB/s)",
+        bound.as_secs_f64()
+    );
 
     println!(
         "| agents | size | wall s | aggregate agent-MB/s | per agent MB/s | aggregate ÷ 1 agent | 1 agent ÷ openssl | cp RSS before MiB | cp RSS peak MiB |"
@@ -127,9 +151,19 @@ fn main() -> anyhow::Result<()> {
         };
         let started = Instant::now();
         cp.steward(&[
-            "deploy", "create", &format!("bench-{round}"), "--model", "bench-model@1",
-            "--nodes", &format!("round={round}"), "--replicas", &n.to_string(), "--slots", "1",
-            "--ctx", "256",
+            "deploy",
+            "create",
+            &format!("bench-{round}"),
+            "--model",
+            "bench-model@1",
+            "--nodes",
+            &format!("round={round}"),
+            "--replicas",
+            &n.to_string(),
+            "--slots",
+            "1",
+            "--ctx",
+            "256",
         ])?;
         let mut pending: Vec<PathBuf> = agents
             .iter()
@@ -153,7 +187,11 @@ fn main() -> anyhow::Result<()> {
             size as f64 / 1e6,
             aggregate / n as f64,
             aggregate / one,
-            if n == 1 { format!("{:.2}", aggregate / bound_mbps) } else { "-".into() },
+            if n == 1 {
+                format!("{:.2}", aggregate / bound_mbps)
+            } else {
+                "-".into()
+            },
         );
         cp.steward(&["deploy", "delete", &format!("bench-{round}")])?;
         for mut a in agents {
@@ -179,7 +217,10 @@ fn start_control_plane(bin: &Path, work: &Path) -> anyhow::Result<ControlPlane> 
         .args(["--data-dir", path(&data)?])
         .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
         .args(["--http-listen", "127.0.0.1:0"])
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdout(Stdio::piped())
         .spawn()?;
     let mut credential = String::new();
@@ -192,7 +233,10 @@ fn start_control_plane(bin: &Path, work: &Path) -> anyhow::Result<ControlPlane> 
             break;
         }
     }
-    ensure!(!credential.is_empty(), "the control plane printed no credential");
+    ensure!(
+        !credential.is_empty(),
+        "the control plane printed no credential"
+    );
     Ok(ControlPlane {
         child,
         data,
@@ -212,10 +256,27 @@ fn start_agent(cp: &ControlPlane, work: &Path, round: usize, i: usize) -> anyhow
     let dir = work.join(&name);
     let child = Command::new(cp.bin.join("steward-node-agent"))
         .args(["--control-plane", &format!("https://127.0.0.1:{}", cp.port)])
-        .args(["--data-dir", path(&dir)?, "--token", &token, "--name", &name])
+        .args([
+            "--data-dir",
+            path(&dir)?,
+            "--token",
+            &token,
+            "--name",
+            &name,
+        ])
         .args(["--api-listen", &format!("127.0.0.1:{}", free_port()?)])
-        .args(["--api-key", "bench", "--heartbeat-interval", "1s", "--threads", "1"])
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .args([
+            "--api-key",
+            "bench",
+            "--heartbeat-interval",
+            "1s",
+            "--threads",
+            "1",
+        ])
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stderr(Stdio::null())
         .spawn()?;
     Ok(Agent { child, dir, name })
@@ -227,13 +288,18 @@ fn wait_ready(cp: &ControlPlane, want: usize) -> anyhow::Result<()> {
     loop {
         let nodes: serde_json::Value =
             serde_json::from_str(&cp.steward(&["-o", "json", "nodes", "list"])?)?;
-        let ready = nodes
-            .as_array()
-            .map_or(0, |a| a.iter().filter(|n| n["connected"] == true && n["state"] == "ready").count());
+        let ready = nodes.as_array().map_or(0, |a| {
+            a.iter()
+                .filter(|n| n["connected"] == true && n["state"] == "ready")
+                .count()
+        });
         if ready >= want {
             return Ok(());
         }
-        ensure!(Instant::now() < deadline, "only {ready} of {want} agents became ready");
+        ensure!(
+            Instant::now() < deadline,
+            "only {ready} of {want} agents became ready"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -272,5 +338,7 @@ fn rss_mib(pid: u32) -> anyhow::Result<f64> {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
