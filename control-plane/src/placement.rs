@@ -162,7 +162,7 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
             if chosen.len() as u32 >= demand.replicas {
                 break;
             }
-            let kept = node.assigned.iter().any(|a| *a == assignment);
+            let kept = node.assigned.contains(&assignment);
             if kept && !node.draining && demand.selector.matches(node) {
                 chosen.insert(&node.id);
             }
@@ -397,7 +397,11 @@ mod tests {
         b.assigned = vec![assigned.clone()];
         b.ready = false;
         b.cordoned = true;
-        let p = place(&[node("a", 16), b.clone()], &[d.clone()], Strategy::Spread);
+        let p = place(
+            &[node("a", 16), b.clone()],
+            std::slice::from_ref(&d),
+            Strategy::Spread,
+        );
         assert_eq!(p.placed["m"], ["b"], "kept where it runs");
         b.draining = true;
         let p = place(&[node("a", 16), b], &[d], Strategy::Spread);

@@ -282,7 +282,7 @@ async fn open_partial(
         source: std::io::Error::other(e.to_string()),
     })?
     .map_err(io(path))?;
-    if digest.len() > 0 {
+    if !digest.is_empty() {
         tracing::info!(path = %path.display(), bytes = digest.len(), "resuming a partial download");
     }
     *hasher = digest;

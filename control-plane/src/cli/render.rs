@@ -544,71 +544,6 @@ pub fn trust_policy(p: &steward_proto::admin::v1::TrustPolicy) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use steward_proto::agent::v1::{Cpu, Gpu};
-
-    fn node(connected: bool) -> Node {
-        Node {
-            id: "0123456789abcdef".into(),
-            name: "radiology-1".into(),
-            state: NodeState::Ready as i32,
-            connected,
-            last_heartbeat_unix: 995,
-            inventory: Some(Inventory {
-                accelerator: "cuda".into(),
-                memory_total_bytes: 64 << 30,
-                cpu: Some(Cpu {
-                    logical_cores: 32,
-                    ..Default::default()
-                }),
-                gpus: vec![Gpu {
-                    vendor: GpuVendor::Nvidia as i32,
-                    name: "NVIDIA H100".into(),
-                    memory_total_bytes: 80 << 30,
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn node_table_shows_state_hardware_and_age() {
-        let out = nodes_table(&[node(true)], 1000);
-        for expected in [
-            "radiology-1",
-            "01234567",
-            "Ready",
-            "schedulable",
-            "1x NVIDIA H100 (80.0 GiB)",
-            "32 cores",
-            "64.0 GiB",
-            "5s ago",
-        ] {
-            assert!(out.contains(expected), "missing {expected:?} in\n{out}");
-        }
-    }
-
-    #[test]
-    fn bytes_are_shown_in_binary_units() {
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(bytes(3 << 30), "3.0 GiB");
-    }
-
-    #[test]
-    fn cpu_only_nodes_say_so() {
-        let mut n = node(false);
-        n.inventory.as_mut().unwrap().gpus.clear();
-        n.inventory.as_mut().unwrap().accelerator = "cpu".into();
-        let out = node_detail(&n, 1000);
-        assert!(out.contains("cpu (no GPU detected)"), "{out}");
-    }
-}
-
 /// Deployments, one per line.
 pub fn deployments_table(deployments: &[steward_proto::admin::v1::Deployment]) -> String {
     let mut t = table(&[
@@ -726,4 +661,69 @@ pub fn deployment_json(d: &steward_proto::admin::v1::Deployment) -> serde_json::
         }
     }
     value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use steward_proto::agent::v1::{Cpu, Gpu};
+
+    fn node(connected: bool) -> Node {
+        Node {
+            id: "0123456789abcdef".into(),
+            name: "radiology-1".into(),
+            state: NodeState::Ready as i32,
+            connected,
+            last_heartbeat_unix: 995,
+            inventory: Some(Inventory {
+                accelerator: "cuda".into(),
+                memory_total_bytes: 64 << 30,
+                cpu: Some(Cpu {
+                    logical_cores: 32,
+                    ..Default::default()
+                }),
+                gpus: vec![Gpu {
+                    vendor: GpuVendor::Nvidia as i32,
+                    name: "NVIDIA H100".into(),
+                    memory_total_bytes: 80 << 30,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn node_table_shows_state_hardware_and_age() {
+        let out = nodes_table(&[node(true)], 1000);
+        for expected in [
+            "radiology-1",
+            "01234567",
+            "Ready",
+            "schedulable",
+            "1x NVIDIA H100 (80.0 GiB)",
+            "32 cores",
+            "64.0 GiB",
+            "5s ago",
+        ] {
+            assert!(out.contains(expected), "missing {expected:?} in\n{out}");
+        }
+    }
+
+    #[test]
+    fn bytes_are_shown_in_binary_units() {
+        assert_eq!(bytes(512), "512 B");
+        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(3 << 30), "3.0 GiB");
+    }
+
+    #[test]
+    fn cpu_only_nodes_say_so() {
+        let mut n = node(false);
+        n.inventory.as_mut().unwrap().gpus.clear();
+        n.inventory.as_mut().unwrap().accelerator = "cpu".into();
+        let out = node_detail(&n, 1000);
+        assert!(out.contains("cpu (no GPU detected)"), "{out}");
+    }
 }

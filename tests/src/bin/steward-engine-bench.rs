@@ -430,7 +430,7 @@ impl Bench {
         }
         // Even repetitions go in the listed order, odd ones reversed (ABBA over two reps).
         let ordered = |rep: usize| -> Vec<&(Side, Server, Target)> {
-            if rep % 2 == 0 {
+            if rep.is_multiple_of(2) {
                 servers.iter().collect()
             } else {
                 servers.iter().rev().collect()
