@@ -89,11 +89,11 @@ question='Question: What is the capital of France?\nAnswer:'
 curl -sf http://127.0.0.1:8080/v1/completions -H "Authorization: Bearer $api_key" \
   -H 'Content-Type: application/json' \
   -d "{\"model\":\"gemma\",\"prompt\":\"$question\",\"max_tokens\":8,\"temperature\":0}" \
-  | .venv/bin/python -c 'import json,sys; print("completion:", json.load(sys.stdin)["choices"][0]["text"].strip())'
+  | .venv/bin/python -c 'import json,sys; print("Q: What is the capital of France?  A:", json.load(sys.stdin)["choices"][0]["text"].strip().splitlines()[0])'
 curl -sf http://127.0.0.1:8080/v1/chat/completions -H "Authorization: Bearer $api_key" \
   -H 'Content-Type: application/json' \
   -d '{"model":"gemma","messages":[{"role":"user","content":"What is the capital of France?"}],"max_tokens":24,"temperature":0}' \
-  | .venv/bin/python -c 'import json,sys; print("chat:", json.load(sys.stdin)["choices"][0]["message"]["content"].strip())'
+  | .venv/bin/python -c 'import json,sys; print("chat (a base model, so expect rambling):", json.load(sys.stdin)["choices"][0]["message"]["content"].strip())'
 
 cat <<TXT
 

@@ -34,6 +34,8 @@ pub struct AgentConfig {
     pub cache_budget_bytes: u64,
     /// Threads for models loaded from deployments (default: every core).
     pub threads: Option<u32>,
+    /// Cap on artifact pull speed, bytes per second.
+    pub pull_rate_limit: Option<u64>,
 }
 
 impl AgentConfig {
@@ -48,6 +50,7 @@ impl AgentConfig {
             serving: None,
             cache_budget_bytes: 100 << 30,
             threads: None,
+            pull_rate_limit: None,
         }
     }
 }
@@ -118,7 +121,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     };
     let assignments = match &serving {
         Some(serving) => {
-            let cache = ArtifactCache::open(&config.data_dir, config.cache_budget_bytes)?;
+            let cache = ArtifactCache::open(&config.data_dir, config.cache_budget_bytes)?
+                .with_rate_limit(config.pull_rate_limit);
             let runner = Assignments::new(
                 serving.clone(),
                 cache,

@@ -52,6 +52,8 @@ pub struct ArtifactCache {
     partial: PathBuf,
     /// Evict least-recently-used artifacts that no assignment needs above this many bytes.
     budget_bytes: u64,
+    /// Cap on pull speed, bytes per second (so a pull does not fill a shared link).
+    rate_limit: Option<u64>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
@@ -70,7 +72,14 @@ impl ArtifactCache {
             dir,
             partial,
             budget_bytes,
+            rate_limit: None,
         })
+    }
+
+    /// Caps pulls at `bytes_per_second` (none: as fast as the network allows).
+    pub fn with_rate_limit(mut self, bytes_per_second: Option<u64>) -> Self {
+        self.rate_limit = bytes_per_second.filter(|&r| r > 0);
+        self
     }
 
     pub fn path_of(&self, digest: &str) -> PathBuf {
@@ -125,6 +134,7 @@ impl ArtifactCache {
                 .await
                 .map_err(|s| interrupted(offset, &s))?
                 .into_inner();
+            let (started, resumed_at) = (tokio::time::Instant::now(), offset);
             loop {
                 let chunk = match stream.message().await {
                     Ok(Some(chunk)) => chunk,
@@ -152,6 +162,12 @@ impl ArtifactCache {
                 file = write_chunk(file, chunk.data, &partial).await?;
                 offset += len;
                 progress(offset, total);
+                if let Some(rate) = self.rate_limit {
+                    let due = std::time::Duration::from_secs_f64(
+                        (offset - resumed_at) as f64 / rate as f64,
+                    );
+                    tokio::time::sleep_until(started + due).await;
+                }
             }
         }
         if offset < total {

@@ -647,3 +647,200 @@ async fn serve_without_a_control_plane_answers_and_refuses_a_broken_model_clearl
         "{stderr}"
     );
 }
+
+/// The README's demo journey with the real binaries: sign the real gemma with a fresh key,
+/// trust it, push it, deploy it to an agent, stop the agent mid-download and prove the
+/// restarted agent resumes (the control plane sends only the missing bytes), get an answer
+/// through the agent's OpenAI API, then revoke the model and prove the agent unloads and
+/// deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_journey_resumes_an_interrupted_pull_and_unloads_a_revoked_model() {
+    let gemma = steward_tests::gemma_path();
+    let size = std::fs::metadata(&gemma).unwrap().len();
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let (key_path, pub_path) = (dir.path().join("k.pem"), dir.path().join("k.pub"));
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::write(&pub_path, key.public_key_pem()).unwrap();
+    let sig = dir.path().join("gemma.sig");
+
+    let cp = start_control_plane();
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    ok(cp.cli(&[
+        "trust",
+        "add-key",
+        pub_path.to_str().unwrap(),
+        "--models",
+        "gemma3-*",
+    ]));
+    ok(cp.cli(&[
+        "model",
+        "sign",
+        gemma.to_str().unwrap(),
+        "--key",
+        key_path.to_str().unwrap(),
+        "--output",
+        sig.to_str().unwrap(),
+    ]));
+    let model = cp.cli_json(&[
+        "model",
+        "push",
+        gemma.to_str().unwrap(),
+        "--name",
+        "gemma3-270m",
+        "--version",
+        "1",
+        "--signature",
+        sig.to_str().unwrap(),
+    ]);
+    let digest = model["digest"].as_str().unwrap().to_owned();
+
+    let token = cp.cli_json(&["token", "create", "--ttl", "10m"])["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let agent_dir = dir.path().join("agent");
+    let api_port = free_port();
+    // Capped at 40 MiB/s so the pull takes seconds and can be interrupted.
+    let start_agent = |token: Option<&str>| {
+        let mut cmd = Command::new(binary("steward-node-agent"));
+        cmd.args(["--control-plane", &cp.grpc])
+            .args(["--data-dir", agent_dir.to_str().unwrap()])
+            .args(["--name", "e2e-node", "--heartbeat-interval", "1s"])
+            .args([
+                "--api-listen",
+                &format!("127.0.0.1:{api_port}"),
+                "--api-key",
+                "sk-e2e",
+            ])
+            .args(["--pull-rate-limit-mib", "40", "--threads", "2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(token) = token {
+            cmd.args(["--token", token]);
+        }
+        Running {
+            child: cmd.spawn().unwrap(),
+        }
+    };
+    let mut agent = start_agent(Some(&token));
+    cp.wait_for_state("e2e-node", "ready", Duration::from_secs(20));
+    let sent = || async {
+        let text = reqwest::get(format!("{}/metrics", cp.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("steward_artifact_sent_bytes_total "))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap())
+    };
+    ok(cp.cli(&[
+        "deploy",
+        "create",
+        "gemma",
+        "--model",
+        "gemma3-270m@1",
+        "--nodes",
+        "e2e-node",
+        "--slots",
+        "2",
+        "--ctx",
+        "1024",
+    ]));
+
+    // Stop the agent (SIGKILL) once a fifth of the artifact has arrived.
+    let partial = agent_dir.join("artifacts/partial").join(&digest);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < size / 5 {
+        assert!(Instant::now() < deadline, "the pull never started");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = agent.child.kill();
+    let _ = agent.child.wait();
+    drop(agent);
+    let kept = std::fs::metadata(&partial).unwrap().len();
+    assert!(
+        kept > 0 && kept < size,
+        "interrupted mid-download: {kept} of {size}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent_before = sent().await;
+
+    let _agent = start_agent(None);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let d = cp.cli_json(&["deploy", "show", "gemma"]);
+        if d["placed"][0]["status"]["state"] == "ready" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready after the restart: {d:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        sent().await - sent_before,
+        size - kept,
+        "the restarted agent fetched only the missing bytes"
+    );
+
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{api_port}/v1/completions"))
+        .bearer_auth("sk-e2e")
+        .json(&serde_json::json!({"model": "gemma",
+            "prompt": "Question: What is the capital of France?\nAnswer:",
+            "max_tokens": 8, "temperature": 0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = answer["choices"][0]["text"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text:?}");
+    let chat = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{api_port}/v1/chat/completions"))
+        .bearer_auth("sk-e2e")
+        .json(&serde_json::json!({"model": "gemma", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Hello"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 200);
+
+    ok(cp.cli(&["model", "revoke", &digest, "--reason", "e2e: revoked"]));
+    let cached = agent_dir.join("artifacts").join(format!("{digest}.gguf"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let node = cp.cli_json(&["nodes", "show", "e2e-node"]);
+        let listed = node["models"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["name"] == "gemma"));
+        if !listed && !cached.exists() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "revoked model still loaded or cached: {node:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let gone = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{api_port}/v1/completions"))
+        .bearer_auth("sk-e2e")
+        .json(&serde_json::json!({"model": "gemma", "prompt": "x", "max_tokens": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404, "a revoked model is not served");
+}

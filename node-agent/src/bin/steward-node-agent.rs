@@ -96,6 +96,9 @@ struct InferenceArgs {
     /// evicted (least recently used first).
     #[arg(long, default_value_t = 100.0)]
     cache_budget_gib: f64,
+    /// Cap artifact pulls at this many MiB/s (default: no cap), e.g. on a shared link.
+    #[arg(long)]
+    pull_rate_limit_mib: Option<f64>,
     /// API keys clients must present (comma-separated in the environment). Without one,
     /// a key is generated into <data dir>/api-key.
     #[arg(
