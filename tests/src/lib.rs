@@ -22,6 +22,7 @@ use tonic::transport::Channel;
 
 pub use steward_db::Store;
 
+pub mod bench;
 pub mod openai_load;
 
 /// Declares each listed `async fn name(backend: Backend)` as two tests, `sqlite::name` and

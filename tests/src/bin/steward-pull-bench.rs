@@ -22,6 +22,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
+use steward_tests::bench::{openssl_sha256, rss_mib, warm};
+use steward_tests::openai_load;
 
 struct ControlPlane {
     child: Child,
@@ -111,7 +113,7 @@ fn main() -> anyhow::Result<()> {
 
     warm(&file)?;
     let bound = (0..3)
-        .map(|_| openssl(&file))
+        .map(|_| openssl_sha256(&file))
         .collect::<anyhow::Result<Vec<_>>>()?
         .into_iter()
         .min()
@@ -212,7 +214,7 @@ struct Agent {
 
 fn start_control_plane(bin: &Path, work: &Path) -> anyhow::Result<ControlPlane> {
     let data = work.join("cp");
-    let port = free_port()?;
+    let port = openai_load::free_port()?;
     let mut child = Command::new(bin.join("steward-control-plane"))
         .args(["--data-dir", path(&data)?])
         .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
@@ -264,7 +266,10 @@ fn start_agent(cp: &ControlPlane, work: &Path, round: usize, i: usize) -> anyhow
             "--name",
             &name,
         ])
-        .args(["--api-listen", &format!("127.0.0.1:{}", free_port()?)])
+        .args([
+            "--api-listen",
+            &format!("127.0.0.1:{}", openai_load::free_port()?),
+        ])
         .args([
             "--api-key",
             "bench",
@@ -306,39 +311,4 @@ fn wait_ready(cp: &ControlPlane, want: usize) -> anyhow::Result<()> {
 
 fn path(p: &Path) -> anyhow::Result<&str> {
     p.to_str().context("non-UTF-8 path")
-}
-
-fn warm(file: &Path) -> anyhow::Result<()> {
-    let mut f = std::fs::File::open(file)?;
-    std::io::copy(&mut f, &mut std::io::sink())?;
-    Ok(())
-}
-
-fn openssl(file: &Path) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let status = Command::new("openssl")
-        .args(["dgst", "-sha256"])
-        .arg(file)
-        .stdout(Stdio::null())
-        .status()
-        .context("running openssl")?;
-    ensure!(status.success(), "openssl failed");
-    Ok(started.elapsed())
-}
-
-fn rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .context("VmRSS")?
-        .parse()?;
-    Ok(kib / 1024.0)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }

@@ -17,6 +17,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use steward_tests::bench::{openssl_sha256, rss_mib, warm};
+use steward_tests::openai_load;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,7 +38,7 @@ fn main() -> anyhow::Result<()> {
         .to_owned();
     let work = tempfile::tempdir()?;
     let data = work.path().join("cp");
-    let port = free_port()?;
+    let port = openai_load::free_port()?;
     let mut cp = Command::new(dir.join("steward-control-plane"))
         .args(["--data-dir", data.to_str().context("path")?])
         .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
@@ -108,7 +110,7 @@ fn main() -> anyhow::Result<()> {
         }
         warm(file)?;
         let bound = (0..2)
-            .map(|_| openssl(file))
+            .map(|_| openssl_sha256(file))
             .collect::<anyhow::Result<Vec<_>>>()?
             .into_iter()
             .min()
@@ -177,41 +179,4 @@ fn make_gguf(path: &Path, mib: u64) -> anyhow::Result<()> {
         .write_to(path)?;
     println!("wrote {} ({} MiB)", path.display(), mib);
     Ok(())
-}
-
-fn warm(file: &Path) -> anyhow::Result<()> {
-    let mut f = std::fs::File::open(file)?;
-    std::io::copy(&mut f, &mut std::io::sink())?;
-    Ok(())
-}
-
-fn openssl(file: &Path) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let status = Command::new("openssl")
-        .args(["dgst", "-sha256"])
-        .arg(file)
-        .stdout(Stdio::null())
-        .status()
-        .context("running openssl")?;
-    if !status.success() {
-        bail!("openssl failed");
-    }
-    Ok(started.elapsed())
-}
-
-fn rss_mib(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .context("VmRSS")?
-        .parse()?;
-    Ok(kib / 1024.0)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
