@@ -198,13 +198,16 @@ impl Serving {
         self.load_counted(config, digest.to_owned()).await
     }
 
+    /// Loads with `loading` already counted up; counts it down however this ends (also when
+    /// the caller stops waiting because the model was unassigned mid-load).
     async fn load_counted(&self, mut config: ModelConfig, digest: String) -> Result<(), String> {
+        let _loading = LoadingGuard(self.loading.clone());
         let name = config.name.clone();
         config.free_vram_bytes = config.free_vram_bytes.or(self.free_vram);
         self.set_state(&name, &digest, Slot::Loading);
         let metrics = self.metrics.clone();
         let result = tokio::task::spawn_blocking(move || ModelHandle::load(config, &metrics)).await;
-        let outcome = match result {
+        match result {
             Ok(Ok(handle)) => {
                 if let Some(old) = self.models.insert(handle.clone()) {
                     let _ = tokio::task::spawn_blocking(move || old.unload()).await;
@@ -224,9 +227,7 @@ impl Serving {
                 self.set_state(&name, &digest, Slot::Failed(reason.clone()));
                 Err(reason)
             }
-        };
-        self.loading.fetch_sub(1, Ordering::Relaxed);
-        outcome
+        }
     }
 
     /// Stops serving a model and unloads it (memory returns); forgets its state.
@@ -350,6 +351,15 @@ fn stats_proto(s: &ModelStatsSnapshot) -> ModelServingStats {
         queue_depth: s.queue_depth,
         busy_slots: s.busy_slots,
         slots: s.slots,
+    }
+}
+
+/// Counts one model load down when dropped.
+struct LoadingGuard(Arc<AtomicUsize>);
+
+impl Drop for LoadingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
