@@ -46,6 +46,8 @@ impl SessionHandle {
 pub struct SessionRegistry {
     sessions: Mutex<HashMap<String, SessionHandle>>,
     next_epoch: AtomicU64,
+    /// Set by [`SessionRegistry::cancel_all`]: the control plane is stopping.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl SessionRegistry {
@@ -62,6 +64,12 @@ impl SessionRegistry {
         let previous = self.lock().insert(node_id.to_owned(), handle.clone());
         if let Some(previous) = previous {
             previous.cancel.cancel();
+        }
+        // A session that arrives while the control plane stops (an agent reconnecting at
+        // once over a connection the graceful shutdown still serves) ends at once; otherwise
+        // it would outlive the shutdown and the agent would never reach the next instance.
+        if self.closed.load(Ordering::SeqCst) {
+            handle.cancel.cancel();
         }
         handle
     }
@@ -124,8 +132,14 @@ impl SessionRegistry {
         n
     }
 
-    /// Ends every session (control-plane shutdown).
+    /// Whether the control plane is stopping (no new sessions).
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Ends every session, and every session opened from now on (control-plane shutdown).
     pub fn cancel_all(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         for handle in self.lock().values() {
             handle.cancel.cancel();
         }

@@ -99,6 +99,9 @@ impl AgentService for AgentApi {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        if self.fleet.sessions.is_closed() {
+            return Err(Status::unavailable("the control plane is shutting down"));
+        }
         let node_id = self.authenticated_node(&request).await?;
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
