@@ -91,8 +91,14 @@ impl ControlPlane {
     }
 
     fn start_agent(&self, data_dir: &Path, token: Option<&str>) -> Running {
+        self.start_agent_with(data_dir, token, &[])
+    }
+
+    /// Like [`ControlPlane::start_agent`], with extra agent flags.
+    fn start_agent_with(&self, data_dir: &Path, token: Option<&str>, extra: &[&str]) -> Running {
         let mut cmd = Command::new(binary("steward-node-agent"));
         cmd.args(["--control-plane", &self.grpc])
+            .args(extra)
             .args(["--data-dir", data_dir.to_str().unwrap()])
             .args(["--name", "e2e-node", "--heartbeat-interval", "1s"])
             .stdout(Stdio::null())
@@ -709,27 +715,18 @@ async fn the_demo_journey_resumes_an_interrupted_pull_and_unloads_a_revoked_mode
     let agent_dir = dir.path().join("agent");
     let api_port = free_port();
     // Capped at 40 MiB/s so the pull takes seconds and can be interrupted.
-    let start_agent = |token: Option<&str>| {
-        let mut cmd = Command::new(binary("steward-node-agent"));
-        cmd.args(["--control-plane", &cp.grpc])
-            .args(["--data-dir", agent_dir.to_str().unwrap()])
-            .args(["--name", "e2e-node", "--heartbeat-interval", "1s"])
-            .args([
-                "--api-listen",
-                &format!("127.0.0.1:{api_port}"),
-                "--api-key",
-                "sk-e2e",
-            ])
-            .args(["--pull-rate-limit-mib", "40", "--threads", "2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        if let Some(token) = token {
-            cmd.args(["--token", token]);
-        }
-        Running {
-            child: cmd.spawn().unwrap(),
-        }
-    };
+    let api = format!("127.0.0.1:{api_port}");
+    let flags = [
+        "--api-listen",
+        &api,
+        "--api-key",
+        "sk-e2e",
+        "--pull-rate-limit-mib",
+        "40",
+        "--threads",
+        "2",
+    ];
+    let start_agent = |token: Option<&str>| cp.start_agent_with(&agent_dir, token, &flags);
     let mut agent = start_agent(Some(&token));
     cp.wait_for_state("e2e-node", "ready", Duration::from_secs(20));
     let sent = || async {
