@@ -1,7 +1,8 @@
 //! Deployments: which verified model runs where. Creating, changing or deleting one (and any
 //! change to the nodes placement depends on) re-runs placement, stores every node's
 //! assigned models with a new desired generation where they changed, and pushes the new
-//! desired state to connected agents.
+//! desired state to connected agents. Changing a deployment's model starts a rollout
+//! ([`crate::rollout`]), which every placement moves on.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,13 +10,17 @@ use std::sync::Arc;
 use serde_json::json;
 use steward_artifact::digest::Sha256Hex;
 use steward_artifact::gguf::GgufFacts;
-use steward_db::{ArtifactRecord, DeploymentRecord, ModelRecord, NodeRecord, NodeState};
-use steward_proto::agent::v1::{Inventory, ModelStatus};
+use steward_db::{
+    ArtifactRecord, DeploymentRecord, ModelRecord, ModelRef, NodeRecord, NodeState, RolloutPhase,
+};
+use steward_proto::agent::v1::{Inventory, ModelStatus, ProbeResult};
 use tokio::sync::Mutex;
 
 use crate::fleet::{Actor, Fleet, FleetError, audit, now_unix};
 use crate::placement::{Demand, NodeView, Placement, Selector, Strategy, place};
+use crate::probes::Probes;
 use crate::registry::{Registry, RegistryError};
+use crate::rollout::{self, ReplicaView};
 use crate::trust::TrustPolicy;
 
 /// Bounds on what a deployment may ask for.
@@ -32,6 +37,9 @@ pub enum DeployError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// The request cannot be done in the deployment's current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("model {reference} cannot be deployed: {reason}")]
     Refused { reference: String, reason: String },
     #[error(transparent)]
@@ -61,6 +69,7 @@ pub struct DeploymentSpec {
     pub slots: Option<u32>,
     pub context_per_slot: Option<u32>,
     pub gpu_layers: Option<i32>,
+    pub max_unavailable: Option<u32>,
 }
 
 /// A deployment with where it runs and how each replica is doing.
@@ -91,17 +100,33 @@ pub struct Deployments {
     placing: Mutex<Placement>,
     /// Wakes [`Deployments::run`] for a placement that nobody waits for.
     wake: tokio::sync::Notify,
+    probes: Probes,
+    /// How long one rollout step may take to be ready and answer its probe.
+    step_timeout: std::time::Duration,
 }
 
 impl Deployments {
-    pub fn new(fleet: Arc<Fleet>, registry: Arc<Registry>, strategy: Strategy) -> Self {
+    pub fn new(
+        fleet: Arc<Fleet>,
+        registry: Arc<Registry>,
+        strategy: Strategy,
+        step_timeout: std::time::Duration,
+    ) -> Self {
         Self {
             fleet,
             registry,
             strategy,
             placing: Mutex::new(Placement::default()),
             wake: tokio::sync::Notify::new(),
+            probes: Probes::default(),
+            step_timeout,
         }
+    }
+
+    /// Records a node's answer to a probe and moves rollouts on.
+    pub fn probe_finished(&self, node_id: &str, result: &ProbeResult) {
+        self.probes.finished(node_id, result);
+        self.trigger();
     }
 
     /// Asks for a placement soon (a node connected, its inventory changed); many requests
@@ -111,12 +136,14 @@ impl Deployments {
     }
 
     /// Places once at start (what changed while the control plane was down), then whenever
-    /// triggered and every 30 s, until `shutdown`. A failed placement (e.g. a busy
-    /// database) is retried after a second.
+    /// triggered and every 30 s (every second while a rollout progresses, to follow what
+    /// the agents report), until `shutdown`. A failed placement (e.g. a busy database) is
+    /// retried after a second.
     pub async fn run(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
         loop {
             let next = match self.reconcile().await {
-                Ok(()) => std::time::Duration::from_secs(30),
+                Ok(Reconciled { rolling: true }) => std::time::Duration::from_secs(1),
+                Ok(Reconciled { rolling: false }) => std::time::Duration::from_secs(30),
                 Err(e) => {
                     tracing::warn!(error = %steward_telemetry::chain(&e), "placement failed; retrying");
                     std::time::Duration::from_secs(1)
@@ -133,9 +160,14 @@ impl Deployments {
     /// Places now; when that fails, the background loop retries (the change that asked for
     /// it is already stored, so the caller's request still succeeds).
     pub async fn replace_now(&self) {
-        if let Err(e) = self.reconcile().await {
-            tracing::warn!(error = %steward_telemetry::chain(&e), "placement failed; retrying in the background");
-            self.trigger();
+        match self.reconcile().await {
+            // The background loop follows a rollout from here (it may be asleep for 30 s).
+            Ok(Reconciled { rolling: true }) => self.trigger(),
+            Ok(Reconciled { rolling: false }) => {}
+            Err(e) => {
+                tracing::warn!(error = %steward_telemetry::chain(&e), "placement failed; retrying in the background");
+                self.trigger();
+            }
         }
     }
 
@@ -168,6 +200,8 @@ impl Deployments {
             created_at: now,
             updated_at: now,
             created_by: actor.to_string(),
+            max_unavailable: spec.max_unavailable.unwrap_or(1),
+            rollout: None,
         };
         check_record(&record)?;
         let event = audit(
@@ -188,16 +222,41 @@ impl Deployments {
         name: &str,
         spec: DeploymentSpec,
     ) -> Result<DeploymentStatus, DeployError> {
+        // Read-modify-write under the placement lock, so a rollout step stored meanwhile
+        // is not overwritten.
+        let placing = self.placing.lock().await;
         let mut record = self.get(name).await?;
         let previous_digest = record.digest.clone();
+        let mut rollout_started = false;
         if let Some(reference) = &spec.model {
             let model = match self.deployable(reference).await {
                 Ok(model) => model,
                 Err(e) => return Err(self.refused(actor, "deployment.update", name, e).await),
             };
-            record.model_name = model.name;
-            record.model_version = model.version;
-            record.digest = model.artifact.digest;
+            if model.artifact.digest != record.digest {
+                if let Some(r) = record
+                    .rollout
+                    .as_ref()
+                    .filter(|r| r.phase == RolloutPhase::Progressing)
+                {
+                    let error = DeployError::FailedPrecondition(format!(
+                        "deployment `{name}` is rolling out {} → {}; wait until it completes \
+                         or roll it back (`steward deploy rollback {name}`)",
+                        r.from, r.to
+                    ));
+                    return Err(self.refused(actor, "deployment.update", name, error).await);
+                }
+                let to = ModelRef {
+                    name: model.name,
+                    version: model.version,
+                    digest: model.artifact.digest,
+                };
+                rollout::start(&mut record, to, &actor.to_string(), now_unix());
+                rollout_started = true;
+            } else {
+                record.model_name = model.name;
+                record.model_version = model.version;
+            }
         }
         if let Some(selector) = spec.selector {
             record.selector = selector;
@@ -206,12 +265,93 @@ impl Deployments {
         record.slots = spec.slots.unwrap_or(record.slots);
         record.context_per_slot = spec.context_per_slot.unwrap_or(record.context_per_slot);
         record.gpu_layers = spec.gpu_layers.unwrap_or(record.gpu_layers);
+        record.max_unavailable = spec.max_unavailable.unwrap_or(record.max_unavailable);
         record.updated_at = now_unix();
         check_record(&record)?;
         let mut details = deployment_details(&record);
         details["previous_digest"] = json!(previous_digest);
-        let event = audit(actor, "deployment.update", name, "success", details);
-        self.fleet.store.update_deployment(&record, event).await?;
+        let mut events = vec![audit(actor, "deployment.update", name, "success", details)];
+        if let Some(r) = record.rollout.as_ref().filter(|_| rollout_started) {
+            events.push(rollout_start_event(actor, name, r));
+        }
+        self.fleet.store.update_deployment(&record, events).await?;
+        drop(placing);
+        self.replace_now().await;
+        self.status(name).await
+    }
+
+    /// Returns `name` to the model it ran before its last rollout: at once while that
+    /// rollout progresses, otherwise as a new rollout (gated like any other).
+    pub async fn rollback(
+        &self,
+        actor: &Actor,
+        name: &str,
+    ) -> Result<DeploymentStatus, DeployError> {
+        let placing = self.placing.lock().await;
+        let mut record = self.get(name).await?;
+        let Some(last) = record.rollout.clone() else {
+            let error = DeployError::FailedPrecondition(format!(
+                "deployment `{name}` has no previous model to roll back to (its model never changed)"
+            ));
+            return Err(self
+                .refused(actor, "deployment.rollback", name, error)
+                .await);
+        };
+        let now = now_unix();
+        let mut events = Vec::new();
+        match last.phase {
+            RolloutPhase::RolledBack => {
+                let error = DeployError::FailedPrecondition(format!(
+                    "deployment `{name}` was already rolled back to {} ({})",
+                    last.from, last.message
+                ));
+                return Err(self
+                    .refused(actor, "deployment.rollback", name, error)
+                    .await);
+            }
+            RolloutPhase::Progressing => {
+                let reason = format!("rolled back by {actor}");
+                rollout::roll_back(&mut record, &reason, now);
+                events.push(audit(
+                    actor,
+                    "deployment.rollback",
+                    name,
+                    "success",
+                    json!({
+                        "automatic": false,
+                        "from": last.to.to_string(),
+                        "from_digest": last.to.digest,
+                        "to": last.from.to_string(),
+                        "to_digest": last.from.digest,
+                    }),
+                ));
+            }
+            RolloutPhase::Complete => {
+                if let Err(e) = self.deployable(&last.from.digest).await {
+                    return Err(self.refused(actor, "deployment.rollback", name, e).await);
+                }
+                rollout::start(&mut record, last.from.clone(), &actor.to_string(), now);
+                events.push(audit(
+                    actor,
+                    "deployment.rollback",
+                    name,
+                    "success",
+                    json!({
+                        "automatic": false,
+                        "from": last.to.to_string(),
+                        "to": last.from.to_string(),
+                        "to_digest": last.from.digest,
+                        "as": "rollout",
+                    }),
+                ));
+                let started = record.rollout.as_ref().expect("just started");
+                events.push(rollout_start_event(actor, name, started));
+            }
+        }
+        record.updated_at = now;
+        self.fleet.store.update_deployment(&record, events).await?;
+        self.probes.forget(name);
+        drop(placing);
         self.replace_now().await;
         self.status(name).await
     }
@@ -325,18 +465,25 @@ impl Deployments {
         error
     }
 
-    /// Re-runs placement over every node and deployment, stores each node's assigned
+    /// Moves progressing rollouts on (storing each step with its audit events first),
+    /// re-runs placement over every node and deployment, stores each node's assigned
     /// models (bumping its desired generation where they changed) and pushes the new
     /// desired state to the agents that are connected.
-    pub async fn reconcile(&self) -> Result<(), DeployError> {
+    pub async fn reconcile(&self) -> Result<Reconciled, DeployError> {
         let mut last = self.placing.lock().await;
         let nodes = self.fleet.list_nodes().await?;
-        let records = self.fleet.store.list_deployments().await?;
+        let mut records = self.fleet.store.list_deployments().await?;
         let policy = TrustPolicy::load(&self.fleet.store).await?;
         let mut demands = Vec::new();
         let mut refused: BTreeMap<String, String> = BTreeMap::new();
-        for d in &records {
-            match self.demand(d, &policy).await {
+        let mut rolling = false;
+        for d in &mut records {
+            let pinned = self.advance_rollout(d, &nodes).await?;
+            rolling |= d
+                .rollout
+                .as_ref()
+                .is_some_and(|r| r.phase == RolloutPhase::Progressing);
+            match self.demand(d, &policy, pinned).await {
                 Ok(demand) => demands.push(demand),
                 Err(reason) => {
                     refused.insert(d.name.clone(), reason);
@@ -387,11 +534,88 @@ impl Deployments {
             }
         }
         *last = placement;
-        Ok(())
+        Ok(Reconciled { rolling })
+    }
+
+    /// Moves `d`'s rollout on if it progresses: stores what changed with its audit events,
+    /// sends the probes it asks for, and returns the digests its placed replicas keep.
+    async fn advance_rollout(
+        &self,
+        d: &mut DeploymentRecord,
+        nodes: &[NodeRecord],
+    ) -> Result<BTreeMap<String, String>, DeployError> {
+        if !d
+            .rollout
+            .as_ref()
+            .is_some_and(|r| r.phase == RolloutPhase::Progressing)
+        {
+            return Ok(BTreeMap::new());
+        }
+        let mut replicas = Vec::new();
+        for node in nodes {
+            if let Some(assigned) = node.desired_models.iter().find(|a| a.deployment == d.name) {
+                replicas.push(ReplicaView {
+                    node_id: node.id.clone(),
+                    node_name: node.name.clone(),
+                    digest: assigned.digest.clone(),
+                    status: self
+                        .fleet
+                        .sessions
+                        .models(&node.id)
+                        .into_iter()
+                        .find(|m| m.name == d.name),
+                });
+            }
+        }
+        let to = d.digest.clone();
+        let mut next = d.clone();
+        let step = rollout::advance(
+            &mut next,
+            &replicas,
+            |node| self.probes.state(node, &d.name, &to),
+            now_unix(),
+            self.step_timeout.as_secs() as i64,
+        );
+        if step.changed {
+            let events = step
+                .events
+                .iter()
+                .map(|e| {
+                    audit(
+                        &Actor::System,
+                        e.action,
+                        &d.name,
+                        e.outcome,
+                        e.details.clone(),
+                    )
+                })
+                .collect();
+            for e in &step.events {
+                tracing::info!(deployment = %d.name, action = e.action, details = %e.details, "rollout");
+            }
+            next.updated_at = now_unix();
+            *d = self.fleet.store.update_deployment(&next, events).await?;
+            if !d
+                .rollout
+                .as_ref()
+                .is_some_and(|r| r.phase == RolloutPhase::Progressing)
+            {
+                self.probes.forget(&d.name);
+            }
+        }
+        for node in &step.probe {
+            self.probes.send(&self.fleet.sessions, node, &d.name, &to);
+        }
+        Ok(step.pinned)
     }
 
     /// What placing `d` takes, or why it cannot be placed at all.
-    async fn demand(&self, d: &DeploymentRecord, policy: &TrustPolicy) -> Result<Demand, String> {
+    async fn demand(
+        &self,
+        d: &DeploymentRecord,
+        policy: &TrustPolicy,
+        pinned: BTreeMap<String, String>,
+    ) -> Result<Demand, String> {
         let selector = Selector::parse(&d.selector)?;
         let artifact = self
             .fleet
@@ -418,6 +642,7 @@ impl Deployments {
         Ok(Demand {
             deployment: d.name.clone(),
             digest: d.digest.clone(),
+            pinned,
             selector,
             replicas: d.replicas,
             slots: d.slots,
@@ -427,6 +652,32 @@ impl Deployments {
             size_bytes: artifact.size_bytes,
         })
     }
+}
+
+/// What a placement found.
+#[derive(Clone, Copy, Debug)]
+pub struct Reconciled {
+    /// A rollout is progressing (placement should run again soon).
+    pub rolling: bool,
+}
+
+fn rollout_start_event(
+    actor: &Actor,
+    name: &str,
+    r: &steward_db::Rollout,
+) -> steward_db::NewAuditEvent {
+    audit(
+        actor,
+        "deployment.rollout.start",
+        name,
+        "success",
+        json!({
+            "from": r.from.to_string(),
+            "from_digest": r.from.digest,
+            "to": r.to.to_string(),
+            "to_digest": r.to.digest,
+        }),
+    )
 }
 
 /// Whether `model` verifies under `policy` now (anchors may have been removed since push).
@@ -486,6 +737,7 @@ fn deployment_details(d: &DeploymentRecord) -> serde_json::Value {
         "slots": d.slots,
         "context_per_slot": d.context_per_slot,
         "gpu_layers": d.gpu_layers,
+        "max_unavailable": d.max_unavailable,
     })
 }
 
@@ -522,6 +774,12 @@ fn check_record(d: &DeploymentRecord) -> Result<(), DeployError> {
         return invalid(format!(
             "--ctx must be {MIN_CONTEXT}-{MAX_CONTEXT} tokens, got {}",
             d.context_per_slot
+        ));
+    }
+    if d.max_unavailable == 0 || d.max_unavailable > MAX_REPLICAS {
+        return invalid(format!(
+            "--max-unavailable must be 1-{MAX_REPLICAS}, got {}",
+            d.max_unavailable
         ));
     }
     if d.gpu_layers < -1 {

@@ -5,6 +5,8 @@
 //! - [`fleet`]: the application layer — enrollment, identity, node scheduling flags.
 //! - [`deployments`]: deployments, re-placement and each node's desired state.
 //! - [`placement`]: which nodes take which replicas (a pure function).
+//! - [`rollout`]: moving a deployment to a new model node by node (a pure function), and
+//!   [`probes`], the probe requests that prove each step.
 //! - [`grpc`]: handlers for `steward.agent.v1` and `steward.admin.v1`.
 //! - [`sessions`]: open agent sessions and liveness, in memory.
 //! - [`pki`]: the fleet CA and certificate issuance.
@@ -21,7 +23,9 @@ pub mod http;
 pub mod metrics;
 pub mod pki;
 pub mod placement;
+pub mod probes;
 pub mod registry;
+pub mod rollout;
 pub mod server;
 pub mod sessions;
 pub mod trust;

@@ -7,6 +7,9 @@
 //! - A replica already placed on a node stays there while the node still matches the
 //!   selector and is not draining, even if the node is unavailable or cordoned (what runs
 //!   keeps running; an agent that lost the control plane keeps serving, invariant 3).
+//! - A kept replica runs the digest its deployment pins for that node (a rollout not yet
+//!   at that node keeps the previous model there); every other replica runs the
+//!   deployment's digest.
 //! - New replicas go only to nodes that are ready, not cordoned, not draining, and have the
 //!   memory (GGUF load estimate plus KV cache for slots × context) and the disk for the model,
 //!   counting what this placement already put there.
@@ -63,6 +66,8 @@ pub struct NodeView {
 pub struct Demand {
     pub deployment: String,
     pub digest: String,
+    /// Node id → the digest a replica already on that node keeps (during a rollout).
+    pub pinned: BTreeMap<String, String>,
     pub selector: Selector,
     pub replicas: u32,
     pub slots: u32,
@@ -149,9 +154,13 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
     }
 
     for demand in demands {
-        let assignment = AssignedModel {
+        let assignment_on = |node: &NodeView| AssignedModel {
             deployment: demand.deployment.clone(),
-            digest: demand.digest.clone(),
+            digest: demand
+                .pinned
+                .get(&node.id)
+                .unwrap_or(&demand.digest)
+                .clone(),
             slots: demand.slots,
             context_per_slot: demand.context_per_slot,
             gpu_layers: demand.gpu_layers,
@@ -162,7 +171,10 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
             if chosen.len() as u32 >= demand.replicas {
                 break;
             }
-            let kept = node.assigned.contains(&assignment);
+            let kept = node
+                .assigned
+                .iter()
+                .any(|a| a.deployment == demand.deployment);
             if kept && !node.draining && demand.selector.matches(node) {
                 chosen.insert(&node.id);
             }
@@ -196,14 +208,15 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
         let mut placed_names = Vec::new();
         for node in &nodes {
             if chosen.contains(node.id.as_str()) {
+                let assignment = assignment_on(node);
                 *used_memory.entry(&node.id).or_default() += demand.memory_bytes;
-                if !node.assigned.iter().any(|a| a.digest == demand.digest) {
+                if !node.assigned.iter().any(|a| a.digest == assignment.digest) {
                     *used_disk.entry(&node.id).or_default() += demand.size_bytes;
                 }
                 out.nodes
                     .get_mut(&node.id)
                     .expect("every node has an entry")
-                    .push(assignment.clone());
+                    .push(assignment);
                 placed_names.push(node.name.clone());
             }
         }
@@ -290,6 +303,7 @@ mod tests {
         Demand {
             deployment: name.into(),
             digest: format!("digest-{name}"),
+            pinned: BTreeMap::new(),
             selector: Selector::parse(selector).unwrap(),
             replicas,
             slots: 4,
@@ -406,6 +420,28 @@ mod tests {
         b.draining = true;
         let p = place(&[node("a", 16), b], &[d], Strategy::Spread);
         assert_eq!(p.placed["m"], ["a"], "moved off the draining node");
+    }
+
+    #[test]
+    fn a_pinned_replica_keeps_its_digest_while_others_take_the_new_one() {
+        let old = |name: &str| {
+            let mut n = node(name, 16);
+            n.assigned = vec![AssignedModel {
+                deployment: "m".into(),
+                digest: "old".into(),
+                slots: 4,
+                context_per_slot: 4096,
+                gpu_layers: -1,
+            }];
+            n
+        };
+        let mut d = demand("m", "*", 3, 1);
+        d.pinned.insert("id-a".into(), "old".into());
+        let p = place(&[old("a"), old("b"), node("c", 16)], &[d], Strategy::Spread);
+        assert_eq!(p.placed["m"], ["a", "b", "c"], "kept where they run");
+        assert_eq!(p.nodes["id-a"][0].digest, "old");
+        assert_eq!(p.nodes["id-b"][0].digest, "digest-m");
+        assert_eq!(p.nodes["id-c"][0].digest, "digest-m");
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct Config {
     pub registry: RegistrySettings,
     /// How new replicas are placed.
     pub placement: Strategy,
+    /// How long one rollout step may take to be ready and answer its probe.
+    pub rollout_step_timeout: Duration,
 }
 
 impl Config {
@@ -67,6 +69,7 @@ impl Config {
             fleet: FleetSettings::default(),
             registry: RegistrySettings::default(),
             placement: Strategy::default(),
+            rollout_step_timeout: Duration::from_secs(30 * 60),
         }
     }
 
@@ -146,6 +149,7 @@ impl ControlPlane {
             fleet.clone(),
             registry.clone(),
             config.placement,
+            config.rollout_step_timeout,
         ));
         let shutdown = CancellationToken::new();
 

@@ -101,12 +101,15 @@ impl SessionRegistry {
 
     /// Pushes a desired state to the node if it is connected. Returns whether it was queued.
     pub fn push_desired_state(&self, node_id: &str, desired: DesiredState) -> bool {
+        self.push(node_id, control_message::Body::DesiredState(desired))
+    }
+
+    /// Sends a message to the node if it is connected. Returns whether it was queued.
+    pub fn push(&self, node_id: &str, body: control_message::Body) -> bool {
         let Some(session) = self.get(node_id) else {
             return false;
         };
-        let message = ControlMessage {
-            body: Some(control_message::Body::DesiredState(desired)),
-        };
+        let message = ControlMessage { body: Some(body) };
         match session.outbound.try_send(Ok(message)) {
             Ok(()) => true,
             Err(_) => {

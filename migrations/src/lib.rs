@@ -6,6 +6,7 @@ pub use sea_orm_migration::prelude::*;
 mod m20261121_000001_foundation;
 mod m20261121_000002_artifacts;
 mod m20261121_000003_deployments;
+mod m20261121_000004_rollouts;
 
 pub struct Migrator;
 
@@ -16,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261121_000001_foundation::Migration),
             Box::new(m20261121_000002_artifacts::Migration),
             Box::new(m20261121_000003_deployments::Migration),
+            Box::new(m20261121_000004_rollouts::Migration),
         ]
     }
 }

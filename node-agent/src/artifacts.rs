@@ -121,54 +121,40 @@ impl ArtifactCache {
         let total = assignment.size_bytes;
         let partial = self.partial_of(digest.as_str());
         let mut hasher = StreamingDigest::new();
-        let mut file = open_partial(&partial, total, &mut hasher).await?;
+        let file = open_partial(&partial, total, &mut hasher).await?;
         let mut offset = hasher.len();
         progress(offset, total);
+        let mut sink = ChunkSink::start(file, hasher);
+        // What stopped the transfer, and whether what arrived must be thrown away.
+        let mut stopped: Option<(ArtifactError, bool)> = None;
         if offset < total {
             let request = FetchArtifactRequest {
                 digest: digest.to_string(),
                 offset,
             };
-            let mut stream = client
-                .fetch_artifact(request)
-                .await
-                .map_err(|s| interrupted(offset, &s))?
-                .into_inner();
-            let (started, resumed_at) = (tokio::time::Instant::now(), offset);
-            loop {
-                let chunk = match stream.message().await {
-                    Ok(Some(chunk)) => chunk,
-                    Ok(None) => break,
-                    Err(status) => return Err(interrupted(offset, &status)),
-                };
-                if chunk.offset != offset {
-                    return Err(ArtifactError::Interrupted {
-                        at: offset,
-                        reason: format!("a chunk arrived for offset {}", chunk.offset),
-                    });
-                }
-                if offset + chunk.data.len() as u64 > total {
-                    drop(file);
-                    discard(&partial);
-                    return Err(ArtifactError::Interrupted {
-                        at: 0,
-                        reason: format!(
-                            "the control plane sent more than the {total} bytes announced"
-                        ),
-                    });
-                }
-                hasher.update(&chunk.data);
-                let len = chunk.data.len() as u64;
-                file = write_chunk(file, chunk.data, &partial).await?;
-                offset += len;
-                progress(offset, total);
-                if let Some(rate) = self.rate_limit {
-                    let due = std::time::Duration::from_secs_f64(
-                        (offset - resumed_at) as f64 / rate as f64,
-                    );
-                    tokio::time::sleep_until(started + due).await;
+            match client.fetch_artifact(request).await {
+                Err(status) => stopped = Some((interrupted(offset, &status), false)),
+                Ok(response) => {
+                    stopped = self
+                        .receive(
+                            response.into_inner(),
+                            &mut sink,
+                            &mut offset,
+                            total,
+                            progress,
+                        )
+                        .await;
                 }
             }
+        }
+        // Everything received is hashed and written before anything is decided.
+        let (file, hasher) = sink.finish().await.map_err(io(&partial))?;
+        if let Some((error, throw_away)) = stopped {
+            if throw_away {
+                drop(file);
+                discard(&partial);
+            }
+            return Err(error);
         }
         if offset < total {
             return Err(ArtifactError::Interrupted {
@@ -198,6 +184,53 @@ impl ArtifactCache {
         }
         tracing::info!(%digest, bytes = total, "artifact verified and cached");
         Ok(target)
+    }
+
+    /// Hands every chunk of `stream` to `sink` in order; returns what stopped it early
+    /// (and whether the bytes must be discarded), or `None` at the end of the stream.
+    async fn receive(
+        &self,
+        mut stream: tonic::Streaming<steward_proto::agent::v1::ArtifactChunk>,
+        sink: &mut ChunkSink,
+        offset: &mut u64,
+        total: u64,
+        progress: &(dyn Fn(u64, u64) + Send + Sync),
+    ) -> Option<(ArtifactError, bool)> {
+        let (started, resumed_at) = (tokio::time::Instant::now(), *offset);
+        loop {
+            let chunk = match stream.message().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => return None,
+                Err(status) => return Some((interrupted(*offset, &status), false)),
+            };
+            if chunk.offset != *offset {
+                let reason = format!("a chunk arrived for offset {}", chunk.offset);
+                return Some((
+                    ArtifactError::Interrupted {
+                        at: *offset,
+                        reason,
+                    },
+                    false,
+                ));
+            }
+            if *offset + chunk.data.len() as u64 > total {
+                let reason =
+                    format!("the control plane sent more than the {total} bytes announced");
+                return Some((ArtifactError::Interrupted { at: 0, reason }, true));
+            }
+            let len = chunk.data.len() as u64;
+            if !sink.push(chunk.data).await {
+                // The writing thread stopped; `finish` reports why.
+                return None;
+            }
+            *offset += len;
+            progress(*offset, total);
+            if let Some(rate) = self.rate_limit {
+                let due =
+                    std::time::Duration::from_secs_f64((*offset - resumed_at) as f64 / rate as f64);
+                tokio::time::sleep_until(started + due).await;
+            }
+        }
     }
 
     /// Deletes an artifact (revoked) and any partial copy of it.
@@ -305,18 +338,61 @@ async fn open_partial(
     Ok(file)
 }
 
-async fn write_chunk(
-    mut file: std::fs::File,
-    data: bytes::Bytes,
-    path: &Path,
-) -> Result<std::fs::File, ArtifactError> {
-    tokio::task::spawn_blocking(move || file.write_all(&data).map(|()| file))
-        .await
-        .map_err(|e| ArtifactError::Io {
-            path: path.to_owned(),
-            source: std::io::Error::other(e.to_string()),
-        })?
-        .map_err(io(path))
+/// Chunks in flight to each of the sink's threads.
+const SINK_QUEUE: usize = 8;
+
+/// Hashes and appends received chunks on two blocking threads, one hashing and one writing,
+/// so receiving the next chunk (TLS, HTTP/2, protobuf), hashing and writing all overlap
+/// instead of taking turns. Each chunk is shared between the threads, not copied.
+struct ChunkSink {
+    hash_tx: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    write_tx: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
+    hashing: tokio::task::JoinHandle<StreamingDigest>,
+    writing: tokio::task::JoinHandle<std::io::Result<std::fs::File>>,
+}
+
+impl ChunkSink {
+    /// Continues `hasher` and appends to `file`.
+    fn start(mut file: std::fs::File, mut hasher: StreamingDigest) -> Self {
+        let (hash_tx, mut hash_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(SINK_QUEUE);
+        let (write_tx, mut write_rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(SINK_QUEUE);
+        let hashing = tokio::task::spawn_blocking(move || {
+            while let Some(data) = hash_rx.blocking_recv() {
+                hasher.update(&data);
+            }
+            hasher
+        });
+        let writing = tokio::task::spawn_blocking(move || {
+            while let Some(data) = write_rx.blocking_recv() {
+                file.write_all(&data)?;
+            }
+            Ok(file)
+        });
+        Self {
+            hash_tx: Some(hash_tx),
+            write_tx: Some(write_tx),
+            hashing,
+            writing,
+        }
+    }
+
+    /// Queues a chunk for both threads; `false` when the writing thread has stopped.
+    async fn push(&mut self, data: bytes::Bytes) -> bool {
+        let (Some(hash_tx), Some(write_tx)) = (&self.hash_tx, &self.write_tx) else {
+            return false;
+        };
+        write_tx.send(data.clone()).await.is_ok() && hash_tx.send(data).await.is_ok()
+    }
+
+    /// Waits until every queued chunk is hashed and written.
+    async fn finish(mut self) -> std::io::Result<(std::fs::File, StreamingDigest)> {
+        self.hash_tx.take();
+        self.write_tx.take();
+        let joined = |e: tokio::task::JoinError| std::io::Error::other(e.to_string());
+        let file = self.writing.await.map_err(joined)??;
+        let hasher = self.hashing.await.map_err(joined)?;
+        Ok((file, hasher))
+    }
 }
 
 /// The same checks the control plane made, made again here: the GGUF pre-parse and the

@@ -45,9 +45,13 @@ pub enum ServingError {
     Load { name: String, reason: String },
 }
 
-/// Reports the models an agent holds, for heartbeats.
+/// Reports the models an agent holds, for heartbeats, and hands out a loaded one for the
+/// control plane's probes.
 pub trait ModelReporter: Send + Sync + std::fmt::Debug {
     fn model_statuses(&self) -> Vec<ModelStatus>;
+
+    /// The model `name` if it is ready and loaded from `digest`; otherwise why not.
+    fn ready_model(&self, name: &str, digest: &str) -> Result<ModelHandle, String>;
 }
 
 /// An agent without inference (the simulator).
@@ -58,6 +62,48 @@ impl ModelReporter for NoModels {
     fn model_statuses(&self) -> Vec<ModelStatus> {
         Vec::new()
     }
+
+    fn ready_model(&self, name: &str, _digest: &str) -> Result<ModelHandle, String> {
+        Err(format!("this agent runs no inference, so not `{name}`"))
+    }
+}
+
+/// Longest a probe generation may take.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs one short greedy generation on `model`: the control plane's proof that a model it
+/// rolled out answers. Returns what it answered, or why it did not.
+pub async fn probe(model: ModelHandle) -> Result<String, String> {
+    use steward_engine::request::{Event, GenerationRequest, Prompt, SamplingParams};
+    let started = std::time::Instant::now();
+    let mut request = GenerationRequest::new(Prompt::Text("The capital of France is".into()));
+    request.sampling = SamplingParams {
+        temperature: 0.0,
+        ..SamplingParams::default()
+    };
+    request.max_tokens = Some(4);
+    let mut events = model.submit(request);
+    let mut text = String::new();
+    let outcome = tokio::time::timeout(PROBE_TIMEOUT, async {
+        while let Some(event) = events.recv().await {
+            match event {
+                Event::Accepted { .. } => {}
+                Event::Text(t) => text.push_str(&t),
+                Event::Finished { usage, .. } => return Ok(usage),
+                Event::Failed(e) => return Err(e.to_string()),
+            }
+        }
+        Err("the inference thread stopped".to_owned())
+    })
+    .await
+    .map_err(|_| format!("no answer within {} s", PROBE_TIMEOUT.as_secs()))?;
+    let usage = outcome?;
+    Ok(format!(
+        "{} prompt + {} generated tokens in {} ms: {text:?}",
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        started.elapsed().as_millis()
+    ))
 }
 
 /// Where one model is on its way to serving.
@@ -300,6 +346,29 @@ impl Serving {
 }
 
 impl ModelReporter for Serving {
+    fn ready_model(&self, name: &str, digest: &str) -> Result<ModelHandle, String> {
+        let states = self.lock();
+        let entry = states
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| format!("model `{name}` is not on this node"))?;
+        if entry.digest != digest {
+            return Err(format!(
+                "model `{name}` runs {}, not {digest}",
+                if entry.digest.is_empty() {
+                    "a local file"
+                } else {
+                    &entry.digest
+                }
+            ));
+        }
+        match &entry.slot {
+            Slot::Ready(handle) => Ok(handle.clone()),
+            Slot::Failed(reason) => Err(format!("model `{name}` failed: {reason}")),
+            _ => Err(format!("model `{name}` is not ready yet")),
+        }
+    }
+
     fn model_statuses(&self) -> Vec<ModelStatus> {
         let states = self.lock().clone();
         states

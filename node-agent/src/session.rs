@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use steward_proto::agent::v1::agent_service_client::AgentServiceClient;
 use steward_proto::agent::v1::{
-    AgentMessage, DesiredStateAck, Heartbeat, Hello, agent_message, control_message,
+    AgentMessage, DesiredStateAck, Heartbeat, Hello, ProbeResult, agent_message, control_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -294,6 +294,31 @@ async fn session_loop(
                             }
                         };
                         send(agent_message::Body::Ack(ack)).await?;
+                    }
+                    Some(control_message::Body::Probe(request)) => {
+                        // Answered from its own task: a probe waits on inference, and the
+                        // session must keep its heartbeats going meanwhile.
+                        let (models, tx) = (parts.models.clone(), tx.clone());
+                        tokio::spawn(async move {
+                            let outcome = match models.ready_model(&request.model, &request.digest) {
+                                Ok(model) => crate::serving::probe(model).await,
+                                Err(why) => Err(why),
+                            };
+                            tracing::info!(model = %request.model, ok = outcome.is_ok(), "answered a probe");
+                            let (ok, detail) = match outcome {
+                                Ok(answer) => (true, answer),
+                                Err(why) => (false, why),
+                            };
+                            let _ = tx
+                                .send(AgentMessage {
+                                    body: Some(agent_message::Body::ProbeResult(ProbeResult {
+                                        id: request.id,
+                                        ok,
+                                        detail,
+                                    })),
+                                })
+                                .await;
+                        });
                     }
                     None => {}
                 }

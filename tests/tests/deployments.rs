@@ -1,7 +1,8 @@
 //! Deployments end to end, in process: a real control plane (SQLite and PostgreSQL) places a
 //! signed model on a real agent, which pulls it over mTLS gRPC, verifies it, loads it with
-//! llama.cpp and serves it; revocation, deletion, corruption in transit, resumption and
-//! offline survival.
+//! llama.cpp and serves it; revocation, deletion, corruption in transit, resumption,
+//! offline survival, and rollouts of a new model version (gated, rolled back on failure or
+//! by hand, carried on across a control-plane restart).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -10,7 +11,8 @@ use steward_engine::tiny_model::TinyModel;
 use steward_node_agent::serving::ServingConfig;
 use steward_proto::admin::v1::deployment_service_client::DeploymentServiceClient;
 use steward_proto::admin::v1::{
-    CreateDeploymentRequest, Deployment, DeploymentRef, LabelNodeRequest, Model, RevokeModelRequest,
+    CreateDeploymentRequest, Deployment, DeploymentRef, LabelNodeRequest, Model,
+    RevokeModelRequest, RolloutPhase, UpdateDeploymentRequest,
 };
 use steward_proto::agent::v1::ModelState;
 use steward_tests::{
@@ -36,6 +38,7 @@ struct World {
     agent_dir: PathBuf,
     api: std::net::SocketAddr,
     node_id: String,
+    key: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -65,6 +68,7 @@ impl World {
             agent_dir,
             api,
             node_id: String::new(),
+            key,
             _dir: dir,
         };
         let token = world.admin.token(600).await;
@@ -111,9 +115,109 @@ impl World {
                 slots: 2,
                 context_per_slot: 512,
                 gpu_layers: None,
+                max_unavailable: 0,
             }))
             .await
             .map(tonic::Response::into_inner)
+    }
+
+    /// Signs and pushes `tiny-chat@VERSION`, written by `write`.
+    async fn push_version(&self, version: &str, write: impl FnOnce(&Path)) -> Model {
+        let path = self._dir.path().join(format!("tiny-chat-{version}.gguf"));
+        write(&path);
+        let signature = sign(&path, &self.key);
+        self.admin
+            .push(&path, "tiny-chat", version, Some(&signature))
+            .await
+            .expect("push")
+    }
+
+    /// Starts another enrolled agent with an inference API; returns it, its id and API.
+    async fn another_agent(&self, name: &str) -> (TestAgent, String, std::net::SocketAddr) {
+        let api = free_port();
+        let agent = TestAgent::start_serving(
+            &self.cp.endpoint,
+            &self.agent_dir.with_file_name(name),
+            Some(self.admin.token(600).await),
+            Some(ServingConfig {
+                listen: api,
+                api_keys: vec![API_KEY.into()],
+                models: Vec::new(),
+            }),
+        );
+        let id = agent.node_id().await;
+        self.admin
+            .wait_for_state(
+                &id,
+                steward_proto::admin::v1::NodeState::Ready,
+                Duration::from_secs(10),
+            )
+            .await;
+        (agent, id, api)
+    }
+
+    async fn update_model(&self, name: &str, model: &str) -> Result<Deployment, tonic::Status> {
+        self.deploy
+            .clone()
+            .update_deployment(self.admin.request(UpdateDeploymentRequest {
+                name: name.into(),
+                model: Some(model.into()),
+                ..UpdateDeploymentRequest::default()
+            }))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    async fn rollback(&self, name: &str) -> Result<Deployment, tonic::Status> {
+        self.deploy
+            .clone()
+            .rollback_deployment(self.admin.request(DeploymentRef { name: name.into() }))
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// Waits until the deployment's rollout is in `phase` and every replica it wants is
+    /// ready on the deployment's digest.
+    async fn wait_rollout(&self, name: &str, phase: RolloutPhase, within: Duration) -> Deployment {
+        let deadline = Instant::now() + within;
+        loop {
+            let d = self.show(name).await;
+            let settled = d.rollout.as_ref().is_some_and(|r| r.phase() == phase)
+                && d.placed.len() as u32 == d.replicas
+                && d.placed.iter().all(|r| {
+                    r.digest == d.digest
+                        && r.status.as_ref().is_some_and(|s| {
+                            s.state == ModelState::Ready as i32 && s.digest == d.digest
+                        })
+                });
+            if settled {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "rollout of {name} not {phase:?} with every replica ready in {within:?}: {d:#?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The audit events about deployment `name`, as `action node` strings in order.
+    async fn rollout_audit(&self, name: &str) -> Vec<String> {
+        self.cp
+            .store()
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.target == name && e.action.starts_with("deployment."))
+            .map(|e| {
+                let details: serde_json::Value = serde_json::from_str(&e.details).unwrap();
+                match details["node"].as_str() {
+                    Some(node) => format!("{} {node}", e.action),
+                    None => format!("{} {}", e.action, e.outcome),
+                }
+            })
+            .collect()
     }
 
     async fn show(&self, name: &str) -> Deployment {
@@ -309,10 +413,264 @@ async fn revoking_a_deployed_model_unloads_and_deletes_it_on_the_agent(backend: 
     w.stop(db).await;
 }
 
+/// `chat` on two nodes running `tiny-chat@1`, with the second agent, its id and API.
+async fn two_replicas(w: &World) -> (TestAgent, String, std::net::SocketAddr) {
+    let second = w.another_agent("agent-2").await;
+    w.deploy
+        .clone()
+        .create_deployment(w.admin.request(CreateDeploymentRequest {
+            name: "chat".into(),
+            model: "tiny-chat@1".into(),
+            selector: "*".into(),
+            replicas: 2,
+            slots: 1,
+            context_per_slot: 512,
+            gpu_layers: None,
+            max_unavailable: 1,
+        }))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = w.show("chat").await;
+        let ready = d
+            .placed
+            .iter()
+            .filter(|r| {
+                r.status
+                    .as_ref()
+                    .is_some_and(|s| s.state == ModelState::Ready as i32)
+            })
+            .count();
+        if ready == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "two replicas not ready: {d:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    second
+}
+
+fn position(events: &[String], wanted: &str) -> usize {
+    events
+        .iter()
+        .position(|e| e == wanted)
+        .unwrap_or_else(|| panic!("`{wanted}` not audited: {events:#?}"))
+}
+
+async fn a_new_model_version_rolls_out_node_by_node_and_rolls_back_by_hand(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let w = World::start(&db).await;
+    let (second, second_id, second_api) = two_replicas(&w).await;
+    let node_names: Vec<String> = {
+        let mut names = Vec::new();
+        for id in [&w.node_id, &second_id] {
+            names.push(w.admin.node(id).await.name);
+        }
+        names.sort();
+        names
+    };
+    let v2 = w
+        .push_version("2", |p| {
+            TinyModel {
+                seed: 2,
+                ..TinyModel::default()
+            }
+            .write_to(p)
+            .unwrap()
+        })
+        .await;
+
+    let started = w.update_model("chat", "tiny-chat@2").await.unwrap();
+    assert_eq!(started.digest, v2.digest);
+    let rollout = started.rollout.expect("a rollout started");
+    assert_eq!(rollout.to_digest, v2.digest);
+    assert_eq!(rollout.from_digest, w.model.digest);
+    let d = w
+        .wait_rollout("chat", RolloutPhase::Complete, Duration::from_secs(60))
+        .await;
+    assert_eq!(d.model_version, "2");
+    let events = w.rollout_audit("chat").await;
+    // One node at a time: the second switches only after the first answered its probe.
+    let (first, next) = (&node_names[0], &node_names[1]);
+    assert!(
+        position(&events, &format!("deployment.rollout.verified {first}"))
+            < position(&events, &format!("deployment.rollout.step {next}")),
+        "{events:#?}"
+    );
+    assert!(
+        position(&events, "deployment.rollout.start success")
+            < position(&events, "deployment.rollout.complete success")
+    );
+    // Each step was proven by a real generation on the new model.
+    let probes: Vec<serde_json::Value> =
+        w.cp.store()
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.action == "deployment.rollout.verified")
+            .map(|e| serde_json::from_str(&e.details).unwrap())
+            .collect();
+    assert_eq!(probes.len(), 2, "{probes:#?}");
+    for probe in &probes {
+        assert_eq!(probe["digest"], v2.digest.as_str());
+        assert!(
+            probe["probe"]
+                .as_str()
+                .unwrap()
+                .contains("generated tokens"),
+            "{probe}"
+        );
+    }
+    for api in [w.api, second_api] {
+        let r = reqwest::Client::new()
+            .post(format!("http://{api}/v1/completions"))
+            .bearer_auth(API_KEY)
+            .json(&serde_json::json!({"model": "chat", "prompt": "hi", "max_tokens": 2}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    // By hand, back to version 1: a new rollout, gated the same way.
+    let back = w.rollback("chat").await.unwrap();
+    assert_eq!(back.digest, w.model.digest);
+    let d = w
+        .wait_rollout("chat", RolloutPhase::Complete, Duration::from_secs(60))
+        .await;
+    assert_eq!(d.model_version, "1");
+    assert!(
+        w.rollout_audit("chat")
+            .await
+            .contains(&"deployment.rollback success".to_owned())
+    );
+    second.stop().await.unwrap();
+    w.stop(db).await;
+}
+
+async fn a_rollout_whose_new_model_fails_rolls_back_to_the_previous_digest(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let w = World::start(&db).await;
+    let (second, second_id, _) = two_replicas(&w).await;
+    // Version 2 passes the signature check and the GGUF pre-parse but lacks the tensors
+    // llama.cpp needs, so it fails to load.
+    let broken = w
+        .push_version("2", |p| steward_tests::tiny_gguf(p, 7))
+        .await;
+    w.update_model("chat", "tiny-chat@2").await.unwrap();
+    let d = w
+        .wait_rollout("chat", RolloutPhase::RolledBack, Duration::from_secs(60))
+        .await;
+    assert_eq!(d.digest, w.model.digest, "back on the previous digest");
+    let rollout = d.rollout.unwrap();
+    assert_eq!(rollout.to_digest, broken.digest);
+    assert!(
+        rollout.message.contains("the new model failed"),
+        "{}",
+        rollout.message
+    );
+    let events = w.rollout_audit("chat").await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.starts_with("deployment.rollout.step"))
+            .count(),
+        1,
+        "the second node was never switched: {events:#?}"
+    );
+    assert!(events.contains(&"deployment.rollback success".to_owned()));
+    let second_name = w.admin.node(&second_id).await.name;
+    let first_name = w.admin.node(&w.node_id).await.name;
+    let switched = if events.contains(&format!("deployment.rollout.step {first_name}")) {
+        &first_name
+    } else {
+        &second_name
+    };
+    assert!(events.contains(&format!("deployment.rollout.step {switched}")));
+    second.stop().await.unwrap();
+    w.stop(db).await;
+}
+
 on_both_backends!(
     a_deployed_model_is_pulled_verified_loaded_and_served,
     revoking_a_deployed_model_unloads_and_deletes_it_on_the_agent,
+    a_new_model_version_rolls_out_node_by_node_and_rolls_back_by_hand,
+    a_rollout_whose_new_model_fails_rolls_back_to_the_previous_digest,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_carries_on_after_the_control_plane_restarts() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut w = World::start(&db).await;
+    let (second, _, _) = two_replicas(&w).await;
+    let v2 = w
+        .push_version("2", |p| {
+            TinyModel {
+                seed: 2,
+                ..TinyModel::default()
+            }
+            .write_to(p)
+            .unwrap()
+        })
+        .await;
+    let started = w.update_model("chat", "tiny-chat@2").await.unwrap();
+    let rollout = started.rollout.unwrap();
+    assert_eq!(rollout.phase(), RolloutPhase::Progressing);
+    assert_eq!(
+        rollout.steps.len(),
+        1,
+        "the first step started: {rollout:?}"
+    );
+
+    // A second change while one rolls out is refused, with the way out.
+    let busy = w.update_model("chat", "tiny-chat@1").await.unwrap_err();
+    assert_eq!(busy.code(), tonic::Code::FailedPrecondition);
+    assert!(busy.message().contains("rolling out"), "{}", busy.message());
+
+    w.cp.restart_in_place().await;
+    let d = w
+        .wait_rollout("chat", RolloutPhase::Complete, Duration::from_secs(90))
+        .await;
+    assert_eq!(d.digest, v2.digest);
+    let events = w.rollout_audit("chat").await;
+    let steps: Vec<&String> = events
+        .iter()
+        .filter(|e| e.starts_with("deployment.rollout.step"))
+        .collect();
+    assert_eq!(
+        steps.len(),
+        2,
+        "each node switched exactly once: {events:#?}"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| *e == "deployment.rollout.complete success")
+            .count(),
+        1
+    );
+    second.stop().await.unwrap();
+    w.stop(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_back_without_a_previous_model_is_refused_with_the_reason() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    w.create("chat", "tiny-chat@1", "*").await.unwrap();
+    let refused = w.rollback("chat").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused.message().contains("no previous model"),
+        "{}",
+        refused.message()
+    );
+    let missing = w.rollback("nope").await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    w.stop(db).await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_deployments_are_refused_with_the_reason() {
@@ -444,26 +802,7 @@ async fn draining_a_node_refuses_new_requests_and_moves_its_replicas() {
         .await;
 
     // A second node, then drain the first: the replica moves, the first refuses new work.
-    let other_dir = w.agent_dir.with_file_name("agent-2");
-    let other_api = free_port();
-    let other = TestAgent::start_serving(
-        &w.cp.endpoint,
-        &other_dir,
-        Some(w.admin.token(600).await),
-        Some(ServingConfig {
-            listen: other_api,
-            api_keys: vec![API_KEY.into()],
-            models: Vec::new(),
-        }),
-    );
-    let other_id = other.node_id().await;
-    w.admin
-        .wait_for_state(
-            &other_id,
-            steward_proto::admin::v1::NodeState::Ready,
-            Duration::from_secs(10),
-        )
-        .await;
+    let (other, other_id, other_api) = w.another_agent("agent-2").await;
     w.admin
         .client
         .clone()

@@ -9,8 +9,18 @@ use crate::entity::{deployment, node};
 use crate::records::*;
 use crate::store::{DbError, Store, node_record};
 
-fn deployment_record(m: deployment::Model) -> DeploymentRecord {
-    DeploymentRecord {
+fn deployment_record(m: deployment::Model) -> Result<DeploymentRecord, DbError> {
+    let rollout = if m.rollout.is_empty() {
+        None
+    } else {
+        Some(
+            serde_json::from_str(&m.rollout).map_err(|e| DbError::Corrupt {
+                what: "deployment rollout",
+                detail: format!("deployment `{}`: {e}", m.name),
+            })?,
+        )
+    };
+    Ok(DeploymentRecord {
         name: m.name,
         model_name: m.model_name,
         model_version: m.model_version,
@@ -23,12 +33,21 @@ fn deployment_record(m: deployment::Model) -> DeploymentRecord {
         created_at: m.created_at,
         updated_at: m.updated_at,
         created_by: m.created_by,
-    }
+        max_unavailable: u32::try_from(m.max_unavailable).unwrap_or(1),
+        rollout,
+    })
 }
 
-fn active(d: &DeploymentRecord) -> deployment::ActiveModel {
+fn active(d: &DeploymentRecord) -> Result<deployment::ActiveModel, DbError> {
     let int = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
-    deployment::ActiveModel {
+    let rollout = match &d.rollout {
+        None => String::new(),
+        Some(r) => serde_json::to_string(r).map_err(|e| DbError::Corrupt {
+            what: "deployment rollout",
+            detail: e.to_string(),
+        })?,
+    };
+    Ok(deployment::ActiveModel {
         name: Set(d.name.clone()),
         model_name: Set(d.model_name.clone()),
         model_version: Set(d.model_version.clone()),
@@ -41,25 +60,28 @@ fn active(d: &DeploymentRecord) -> deployment::ActiveModel {
         created_at: Set(d.created_at),
         updated_at: Set(d.updated_at),
         created_by: Set(d.created_by.clone()),
-    }
+        max_unavailable: Set(int(d.max_unavailable)),
+        rollout: Set(rollout),
+    })
 }
 
 impl Store {
     pub async fn list_deployments(&self) -> Result<Vec<DeploymentRecord>, DbError> {
-        Ok(deployment::Entity::find()
+        deployment::Entity::find()
             .order_by_asc(deployment::Column::Name)
             .all(&self.db)
             .await?
             .into_iter()
             .map(deployment_record)
-            .collect())
+            .collect()
     }
 
     pub async fn get_deployment(&self, name: &str) -> Result<Option<DeploymentRecord>, DbError> {
-        Ok(deployment::Entity::find_by_id(name)
+        deployment::Entity::find_by_id(name)
             .one(&self.db)
             .await?
-            .map(deployment_record))
+            .map(deployment_record)
+            .transpose()
     }
 
     /// Inserts a new deployment with its audit event; `Conflict` if the name is taken.
@@ -79,16 +101,16 @@ impl Store {
                 record.name
             )));
         }
-        let stored = active(record).insert(&*txn).await?;
+        let stored = active(record)?.insert(&*txn).await?;
         txn.commit(Some(audit)).await?;
-        Ok(deployment_record(stored))
+        deployment_record(stored)
     }
 
-    /// Replaces an existing deployment with its audit event.
+    /// Replaces an existing deployment with its audit events (in order).
     pub async fn update_deployment(
         &self,
         record: &DeploymentRecord,
-        audit: NewAuditEvent,
+        audit: Vec<NewAuditEvent>,
     ) -> Result<DeploymentRecord, DbError> {
         let txn = self.begin_audited().await?;
         if deployment::Entity::find_by_id(record.name.as_str())
@@ -98,9 +120,9 @@ impl Store {
         {
             return Err(DbError::NotFound(format!("deployment `{}`", record.name)));
         }
-        let stored = active(record).update(&*txn).await?;
-        txn.commit(Some(audit)).await?;
-        Ok(deployment_record(stored))
+        let stored = active(record)?.update(&*txn).await?;
+        txn.commit_all(audit).await?;
+        deployment_record(stored)
     }
 
     pub async fn delete_deployment(&self, name: &str, audit: NewAuditEvent) -> Result<(), DbError> {

@@ -250,6 +250,59 @@ pub struct DeploymentRecord {
     pub created_at: UnixSeconds,
     pub updated_at: UnixSeconds,
     pub created_by: String,
+    /// Replicas a rollout may take down at once.
+    pub max_unavailable: u32,
+    /// The last rollout (from the model before to `digest`); `None` before the first.
+    pub rollout: Option<Rollout>,
+}
+
+/// A model by name, version and digest.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelRef {
+    pub name: String,
+    pub version: String,
+    pub digest: String,
+}
+
+impl std::fmt::Display for ModelRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.version)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RolloutPhase {
+    /// Replacing replicas node by node.
+    Progressing,
+    /// Every replica runs the new model and answered its probe.
+    Complete,
+    /// A step failed, or an admin asked: every replica went back to `from`.
+    RolledBack,
+}
+
+/// A change of a deployment's model, replica by replica. Kept with the deployment, so a
+/// control plane restarted mid-way carries on where it stopped.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rollout {
+    pub phase: RolloutPhase,
+    pub from: ModelRef,
+    pub to: ModelRef,
+    pub started_at: UnixSeconds,
+    pub finished_at: Option<UnixSeconds>,
+    pub started_by: String,
+    /// The nodes switched to `to`, by node id.
+    pub steps: BTreeMap<String, RolloutStep>,
+    /// Why it was rolled back, when it was.
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RolloutStep {
+    pub node_name: String,
+    pub started_at: UnixSeconds,
+    /// When the new model was ready and answered its probe.
+    pub verified_at: Option<UnixSeconds>,
 }
 
 /// One model a node was assigned (the models part of its desired state), as the control

@@ -649,6 +649,16 @@ impl AuditedTxn<'_> {
         self.store.count_write();
         Ok(record)
     }
+
+    /// Appends `events` in order and commits.
+    pub(crate) async fn commit_all(self, events: Vec<NewAuditEvent>) -> Result<(), DbError> {
+        for event in events {
+            self.store.append_audit_in(&self.txn, event).await?;
+        }
+        self.txn.commit().await?;
+        self.store.count_write();
+        Ok(())
+    }
 }
 
 async fn unique_node_name(

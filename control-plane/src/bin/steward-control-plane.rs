@@ -43,6 +43,10 @@ struct Args {
     /// Lifetime of agent client certificates; agents renew at two thirds.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     agent_certificate_ttl: Duration,
+    /// How long one rollout step may take (pull, verify, load, probe) before the rollout
+    /// rolls back.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    rollout_step_timeout: std::time::Duration,
     /// Largest model artifact accepted by push or import, in bytes.
     #[arg(long, env = "STEWARD_MAX_ARTIFACT_BYTES", default_value_t = 256 << 30)]
     max_artifact_bytes: u64,
@@ -89,6 +93,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.heartbeat_timeout = args.heartbeat_timeout;
     config.fleet.agent_certificate_ttl = args.agent_certificate_ttl;
     config.registry.max_artifact_bytes = args.max_artifact_bytes;
+    config.rollout_step_timeout = args.rollout_step_timeout;
     steward_control_plane::run(config, listeners, shutdown_signal(), |cp| {
         if let Some(credential) = &cp.bootstrap_admin_credential {
             // Printed once, on stdout, and never stored in plain text.

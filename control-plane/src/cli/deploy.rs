@@ -28,8 +28,13 @@ pub enum DeployCommand {
         /// `auto` (from free VRAM) or a layer count.
         #[arg(long, default_value = "auto")]
         gpu_layers: String,
+        /// Replicas a rollout may take down at once when the model changes.
+        #[arg(long, default_value_t = 1)]
+        max_unavailable: u32,
     },
-    /// Change a deployment; only the given flags change.
+    /// Change a deployment; only the given flags change. A new `--model` rolls out node by
+    /// node (each step gated on the new model being ready and answering a probe) and rolls
+    /// back by itself if a step fails.
     Update {
         name: String,
         #[arg(long)]
@@ -44,7 +49,12 @@ pub enum DeployCommand {
         ctx: Option<u32>,
         #[arg(long)]
         gpu_layers: Option<String>,
+        #[arg(long)]
+        max_unavailable: Option<u32>,
     },
+    /// Return to the model before the last rollout: at once while that rollout is still in
+    /// progress, otherwise as a new rollout.
+    Rollback { name: String },
     /// Delete a deployment; its replicas are unloaded.
     Delete { name: String },
     /// Every deployment with its placed and ready replicas.
@@ -82,6 +92,7 @@ pub async fn run(
             slots,
             ctx,
             gpu_layers: layers,
+            max_unavailable,
         } => {
             let layers = gpu_layers(&layers)?;
             let request = client.request(wire::CreateDeploymentRequest {
@@ -92,6 +103,7 @@ pub async fn run(
                 slots,
                 context_per_slot: ctx,
                 gpu_layers: (layers >= 0).then_some(layers),
+                max_unavailable,
             });
             one(client
                 .deployments
@@ -107,6 +119,7 @@ pub async fn run(
             slots,
             ctx,
             gpu_layers: layers,
+            max_unavailable,
         } => {
             let request = client.request(wire::UpdateDeploymentRequest {
                 name,
@@ -116,10 +129,19 @@ pub async fn run(
                 slots,
                 context_per_slot: ctx,
                 gpu_layers: layers.as_deref().map(gpu_layers).transpose()?,
+                max_unavailable,
             });
             one(client
                 .deployments
                 .update_deployment(request)
+                .await?
+                .into_inner())
+        }
+        DeployCommand::Rollback { name } => {
+            let request = client.request(wire::DeploymentRef { name });
+            one(client
+                .deployments
+                .rollback_deployment(request)
                 .await?
                 .into_inner())
         }

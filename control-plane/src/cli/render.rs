@@ -547,7 +547,7 @@ pub fn trust_policy(p: &steward_proto::admin::v1::TrustPolicy) -> String {
 /// Deployments, one per line.
 pub fn deployments_table(deployments: &[steward_proto::admin::v1::Deployment]) -> String {
     let mut t = table(&[
-        "NAME", "MODEL", "DIGEST", "SELECTOR", "REPLICAS", "READY", "SLOTS", "CTX",
+        "NAME", "MODEL", "DIGEST", "SELECTOR", "REPLICAS", "READY", "SLOTS", "CTX", "ROLLOUT",
     ]);
     for d in deployments {
         let ready = d
@@ -577,9 +577,31 @@ pub fn deployments_table(deployments: &[steward_proto::admin::v1::Deployment]) -
             ready.to_string(),
             d.slots.to_string(),
             d.context_per_slot.to_string(),
+            d.rollout.as_ref().map_or("-".into(), rollout_summary),
         ]);
     }
     t.to_string()
+}
+
+fn rollout_phase(r: &steward_proto::admin::v1::Rollout) -> &'static str {
+    use steward_proto::admin::v1::RolloutPhase;
+    match r.phase() {
+        RolloutPhase::Progressing => "progressing",
+        RolloutPhase::Complete => "complete",
+        RolloutPhase::RolledBack => "rolled back",
+        RolloutPhase::Unspecified => "unknown",
+    }
+}
+
+/// `progressing 1/3`, `complete`, `rolled back`.
+fn rollout_summary(r: &steward_proto::admin::v1::Rollout) -> String {
+    let phase = rollout_phase(r);
+    if r.phase() == steward_proto::admin::v1::RolloutPhase::Progressing {
+        let verified = r.steps.iter().filter(|s| s.verified_at_unix > 0).count();
+        format!("{phase} ({verified} verified)")
+    } else {
+        phase.to_owned()
+    }
 }
 
 /// One deployment: its spec, where each replica runs and in which state, and why any
@@ -609,6 +631,24 @@ pub fn deployment_detail(d: &steward_proto::admin::v1::Deployment) -> String {
         ),
     );
     line("Created by:", d.created_by.clone());
+    line("Max unavail.:", d.max_unavailable.to_string());
+    if let Some(r) = &d.rollout {
+        line(
+            "Rollout:",
+            format!("{} → {}: {}", r.from_model, r.to_model, rollout_summary(r)),
+        );
+        if !r.message.is_empty() {
+            line("", r.message.clone());
+        }
+        for step in &r.steps {
+            let state = if step.verified_at_unix > 0 {
+                "ready, probe answered"
+            } else {
+                "switching"
+            };
+            line("", format!("{}: {state}", step.node_name));
+        }
+    }
     if !d.placed.is_empty() {
         let mut t = table(&["NODE", "DIGEST", "STATE", "GEN TOK/S", "REQUESTS"]);
         for r in &d.placed {
@@ -659,6 +699,9 @@ pub fn deployment_json(d: &steward_proto::admin::v1::Deployment) -> serde_json::
                 json["status"]["state"] = model_state(status).into();
             }
         }
+    }
+    if let Some(r) = &d.rollout {
+        value["rollout"]["phase"] = rollout_phase(r).replace(' ', "_").into();
     }
     value
 }
@@ -725,5 +768,42 @@ mod tests {
         n.inventory.as_mut().unwrap().accelerator = "cpu".into();
         let out = node_detail(&n, 1000);
         assert!(out.contains("cpu (no GPU detected)"), "{out}");
+    }
+
+    #[test]
+    fn a_rolled_back_deployment_shows_why_and_which_nodes_switched() {
+        use steward_proto::admin::v1::{Deployment, Rollout, RolloutPhase, RolloutStep};
+        let d = Deployment {
+            name: "chat".into(),
+            model_name: "gemma".into(),
+            model_version: "1".into(),
+            max_unavailable: 1,
+            rollout: Some(Rollout {
+                phase: RolloutPhase::RolledBack as i32,
+                from_model: "gemma@1".into(),
+                to_model: "gemma@2".into(),
+                message: "gpu-1: the new model failed: missing tensor".into(),
+                steps: vec![RolloutStep {
+                    node_name: "gpu-1".into(),
+                    ..RolloutStep::default()
+                }],
+                ..Rollout::default()
+            }),
+            ..Deployment::default()
+        };
+        let out = deployment_detail(&d);
+        for expected in [
+            "gemma@1 → gemma@2: rolled back",
+            "gpu-1: the new model failed: missing tensor",
+            "gpu-1: switching",
+        ] {
+            assert!(
+                out.contains(expected),
+                "missing {expected:?} in
+{out}"
+            );
+        }
+        assert!(deployments_table(std::slice::from_ref(&d)).contains("rolled back"));
+        assert_eq!(deployment_json(&d)["rollout"]["phase"], "rolled_back");
     }
 }

@@ -348,6 +348,9 @@ async fn session_loop(
                     tracing::warn!(node_id, generation = ack.generation, error = %ack.error, "agent could not apply desired state");
                 }
             }
+            Some(agent_message::Body::ProbeResult(result)) => {
+                deployments.probe_finished(node_id, &result);
+            }
             Some(agent_message::Body::Hello(_)) | None => {
                 let _ = session
                     .outbound

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use super::auth::authorize;
 use crate::deployments::{DeployError, DeploymentSpec, DeploymentStatus, Deployments};
 use crate::fleet::Fleet;
+use steward_db::RolloutPhase;
 
 fn status(err: &DeployError) -> Status {
     let message = steward_telemetry::chain(err).to_string();
@@ -16,7 +17,9 @@ fn status(err: &DeployError) -> Status {
         DeployError::InvalidArgument(_) => Status::invalid_argument(message),
         DeployError::NotFound(_) => Status::not_found(message),
         DeployError::AlreadyExists(_) => Status::already_exists(message),
-        DeployError::Refused { .. } => Status::failed_precondition(message),
+        DeployError::Refused { .. } | DeployError::FailedPrecondition(_) => {
+            Status::failed_precondition(message)
+        }
         DeployError::Registry(e) => super::models::status(e),
         DeployError::Fleet(_) | DeployError::Db(_) => {
             tracing::error!(error = %message, "deployment request failed");
@@ -52,6 +55,37 @@ pub fn deployment(d: DeploymentStatus) -> wire::Deployment {
             .collect(),
         missing_replicas: d.missing_replicas,
         unschedulable_reasons: d.unschedulable_reasons,
+        max_unavailable: r.max_unavailable,
+        rollout: r.rollout.map(rollout),
+    }
+}
+
+fn rollout(r: steward_db::Rollout) -> wire::Rollout {
+    let phase = match r.phase {
+        RolloutPhase::Progressing => wire::RolloutPhase::Progressing,
+        RolloutPhase::Complete => wire::RolloutPhase::Complete,
+        RolloutPhase::RolledBack => wire::RolloutPhase::RolledBack,
+    };
+    wire::Rollout {
+        phase: phase as i32,
+        from_model: r.from.to_string(),
+        from_digest: r.from.digest,
+        to_model: r.to.to_string(),
+        to_digest: r.to.digest,
+        started_at_unix: r.started_at,
+        finished_at_unix: r.finished_at.unwrap_or(0),
+        started_by: r.started_by,
+        steps: r
+            .steps
+            .into_iter()
+            .map(|(node_id, s)| wire::RolloutStep {
+                node_id,
+                node_name: s.node_name,
+                started_at_unix: s.started_at,
+                verified_at_unix: s.verified_at.unwrap_or(0),
+            })
+            .collect(),
+        message: r.message,
     }
 }
 
@@ -86,6 +120,7 @@ impl DeploymentService for DeploymentApi {
             slots: nonzero(r.slots),
             context_per_slot: nonzero(r.context_per_slot),
             gpu_layers: r.gpu_layers,
+            max_unavailable: nonzero(r.max_unavailable),
         };
         let created = self
             .deployments
@@ -108,6 +143,7 @@ impl DeploymentService for DeploymentApi {
             slots: r.slots,
             context_per_slot: r.context_per_slot,
             gpu_layers: r.gpu_layers,
+            max_unavailable: r.max_unavailable,
         };
         let updated = self
             .deployments
@@ -138,6 +174,19 @@ impl DeploymentService for DeploymentApi {
         Ok(Response::new(wire::ListDeploymentsResponse {
             deployments: all.into_iter().map(deployment).collect(),
         }))
+    }
+
+    async fn rollback_deployment(
+        &self,
+        request: Request<wire::DeploymentRef>,
+    ) -> Result<Response<wire::Deployment>, Status> {
+        let actor = authorize(&self.fleet.store, &request).await?;
+        let rolled = self
+            .deployments
+            .rollback(&actor, &request.get_ref().name)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(deployment(rolled)))
     }
 
     async fn get_deployment(

@@ -16,6 +16,10 @@ pub struct Model {
     pub created_at: i64,
     pub updated_at: i64,
     pub created_by: String,
+    pub max_unavailable: i32,
+    /// JSON of the last rollout; empty before the first.
+    #[sea_orm(column_type = "Text")]
+    pub rollout: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
