@@ -791,6 +791,66 @@ async fn the_demo_journey_resumes_an_interrupted_pull_and_unloads_a_revoked_mode
         "the restarted agent fetched only the missing bytes"
     );
 
+    // A new version rolls out through the CLI (gated on ready and a probe), then back by
+    // hand; the agent still holds version 1 in its cache.
+    let v2 = dir.path().join("v2.gguf");
+    steward_engine::tiny_model::TinyModel::default()
+        .write_to(&v2)
+        .unwrap();
+    let v2_sig = dir.path().join("v2.sig");
+    ok(cp.cli(&[
+        "model",
+        "sign",
+        v2.to_str().unwrap(),
+        "--key",
+        key_path.to_str().unwrap(),
+        "--output",
+        v2_sig.to_str().unwrap(),
+    ]));
+    let v2_digest = cp.cli_json(&[
+        "model",
+        "push",
+        v2.to_str().unwrap(),
+        "--name",
+        "gemma3-270m",
+        "--version",
+        "2",
+        "--signature",
+        v2_sig.to_str().unwrap(),
+    ])["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let wait_rolled_to = |digest: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let d = cp.cli_json(&["deploy", "show", "gemma"]);
+            let replica = &d["placed"][0];
+            if d["rollout"]["phase"] == "complete"
+                && replica["digest"] == digest
+                && replica["status"]["state"] == "ready"
+                && replica["status"]["digest"] == digest
+            {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not rolled out to {digest}: {d:#}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    ok(cp.cli(&["deploy", "update", "gemma", "--model", "gemma3-270m@2"]));
+    let d = wait_rolled_to(&v2_digest);
+    assert_eq!(d["rollout"]["from_digest"], digest.as_str());
+    let rollback = ok(cp.cli(&["deploy", "rollback", "gemma"]));
+    assert!(
+        String::from_utf8_lossy(&rollback.stdout).contains("gemma3-270m@2 → gemma3-270m@1"),
+        "{}",
+        String::from_utf8_lossy(&rollback.stdout)
+    );
+    wait_rolled_to(&digest);
+
     let answer: serde_json::Value = reqwest::Client::new()
         .post(format!("http://127.0.0.1:{api_port}/v1/completions"))
         .bearer_auth("sk-e2e")
