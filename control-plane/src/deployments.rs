@@ -358,7 +358,11 @@ impl Deployments {
 
     pub async fn delete(&self, actor: &Actor, name: &str) -> Result<(), DeployError> {
         let event = audit(actor, "deployment.delete", name, "success", json!({}));
+        // Not while a placement runs: it may be storing a rollout step of this deployment.
+        let placing = self.placing.lock().await;
         self.fleet.store.delete_deployment(name, event).await?;
+        self.probes.forget(name);
+        drop(placing);
         self.replace_now().await;
         Ok(())
     }
