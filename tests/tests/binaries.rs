@@ -686,27 +686,31 @@ async fn the_demo_journey_resumes_an_interrupted_pull_and_unloads_a_revoked_mode
         "--models",
         "gemma3-*",
     ]));
-    ok(cp.cli(&[
-        "model",
-        "sign",
-        gemma.to_str().unwrap(),
-        "--key",
-        key_path.to_str().unwrap(),
-        "--output",
-        sig.to_str().unwrap(),
-    ]));
-    let model = cp.cli_json(&[
-        "model",
-        "push",
-        gemma.to_str().unwrap(),
-        "--name",
-        "gemma3-270m",
-        "--version",
-        "1",
-        "--signature",
-        sig.to_str().unwrap(),
-    ]);
-    let digest = model["digest"].as_str().unwrap().to_owned();
+    // Signs `file` with the fresh key and pushes it as `gemma3-270m@VERSION`; its digest.
+    let sign_and_push = |file: &std::path::Path, sig: &std::path::Path, version: &str| {
+        ok(cp.cli(&[
+            "model",
+            "sign",
+            file.to_str().unwrap(),
+            "--key",
+            key_path.to_str().unwrap(),
+            "--output",
+            sig.to_str().unwrap(),
+        ]));
+        let model = cp.cli_json(&[
+            "model",
+            "push",
+            file.to_str().unwrap(),
+            "--name",
+            "gemma3-270m",
+            "--version",
+            version,
+            "--signature",
+            sig.to_str().unwrap(),
+        ]);
+        model["digest"].as_str().unwrap().to_owned()
+    };
+    let digest = sign_and_push(&gemma, &sig, "1");
 
     let token = cp.cli_json(&["token", "create", "--ttl", "10m"])["token"]
         .as_str()
@@ -797,30 +801,7 @@ async fn the_demo_journey_resumes_an_interrupted_pull_and_unloads_a_revoked_mode
     steward_engine::tiny_model::TinyModel::default()
         .write_to(&v2)
         .unwrap();
-    let v2_sig = dir.path().join("v2.sig");
-    ok(cp.cli(&[
-        "model",
-        "sign",
-        v2.to_str().unwrap(),
-        "--key",
-        key_path.to_str().unwrap(),
-        "--output",
-        v2_sig.to_str().unwrap(),
-    ]));
-    let v2_digest = cp.cli_json(&[
-        "model",
-        "push",
-        v2.to_str().unwrap(),
-        "--name",
-        "gemma3-270m",
-        "--version",
-        "2",
-        "--signature",
-        v2_sig.to_str().unwrap(),
-    ])["digest"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let v2_digest = sign_and_push(&v2, &dir.path().join("v2.sig"), "2");
     let wait_rolled_to = |digest: &str| {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

@@ -132,6 +132,19 @@ impl World {
             .expect("push")
     }
 
+    /// Pushes a working `tiny-chat@2` (other weights than version 1).
+    async fn push_working_v2(&self) -> Model {
+        self.push_version("2", |p| {
+            TinyModel {
+                seed: 2,
+                ..TinyModel::default()
+            }
+            .write_to(p)
+            .unwrap()
+        })
+        .await
+    }
+
     /// Starts another enrolled agent with an inference API; returns it, its id and API.
     async fn another_agent(&self, name: &str) -> (TestAgent, String, std::net::SocketAddr) {
         let api = free_port();
@@ -470,16 +483,7 @@ async fn a_new_model_version_rolls_out_node_by_node_and_rolls_back_by_hand(backe
         names.sort();
         names
     };
-    let v2 = w
-        .push_version("2", |p| {
-            TinyModel {
-                seed: 2,
-                ..TinyModel::default()
-            }
-            .write_to(p)
-            .unwrap()
-        })
-        .await;
+    let v2 = w.push_working_v2().await;
 
     let started = w.update_model("chat", "tiny-chat@2").await.unwrap();
     assert_eq!(started.digest, v2.digest);
@@ -605,16 +609,7 @@ async fn a_rollout_carries_on_after_the_control_plane_restarts() {
     let db = TestDb::new(Backend::Sqlite).await;
     let mut w = World::start(&db).await;
     let (second, _, _) = two_replicas(&w).await;
-    let v2 = w
-        .push_version("2", |p| {
-            TinyModel {
-                seed: 2,
-                ..TinyModel::default()
-            }
-            .write_to(p)
-            .unwrap()
-        })
-        .await;
+    let v2 = w.push_working_v2().await;
     let started = w.update_model("chat", "tiny-chat@2").await.unwrap();
     let rollout = started.rollout.unwrap();
     assert_eq!(rollout.phase(), RolloutPhase::Progressing);
