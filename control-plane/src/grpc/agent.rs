@@ -246,7 +246,10 @@ async fn run_session(
         return Err("first message was not Hello".into());
     };
     let inventory = hello.inventory.unwrap_or_default();
-    let node = fleet
+    // The session is registered before the node is stored as ready, so a node that reads
+    // as ready is also connected (listing it in between showed it ready but not connected).
+    let session = fleet.sessions.open(node_id, outbound.clone());
+    let node = match fleet
         .node_connected(
             node_id,
             &hello.agent_version,
@@ -254,8 +257,13 @@ async fn run_session(
             hello.applied_generation,
         )
         .await
-        .map_err(|e| steward_telemetry::chain(&e).to_string())?;
-    let session = fleet.sessions.open(node_id, outbound.clone());
+    {
+        Ok(node) => node,
+        Err(e) => {
+            fleet.sessions.close(node_id, session.epoch);
+            return Err(steward_telemetry::chain(&e).to_string());
+        }
+    };
     // A node that comes back may take replicas that found no place while it was away.
     deployments.trigger();
     let desired = fleet
