@@ -22,6 +22,17 @@ use steward_tests::{
 
 const API_KEY: &str = "sk-deploy-test";
 
+/// A short greedy completion of `model` from the agent API at `api`.
+async fn complete_at(api: std::net::SocketAddr, model: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("http://{api}/v1/completions"))
+        .bearer_auth(API_KEY)
+        .json(&serde_json::json!({"model": model, "prompt": "hello", "max_tokens": 4, "temperature": 0}))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn free_port() -> std::net::SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap()
@@ -279,13 +290,7 @@ impl World {
     }
 
     async fn complete(&self, model: &str) -> reqwest::Response {
-        reqwest::Client::new()
-            .post(format!("http://{}/v1/completions", self.api))
-            .bearer_auth(API_KEY)
-            .json(&serde_json::json!({"model": model, "prompt": "hello", "max_tokens": 4, "temperature": 0}))
-            .send()
-            .await
-            .unwrap()
+        complete_at(self.api, model).await
     }
 
     fn cached_file(&self) -> PathBuf {
@@ -528,14 +533,7 @@ async fn a_new_model_version_rolls_out_node_by_node_and_rolls_back_by_hand(backe
         );
     }
     for api in [w.api, second_api] {
-        let r = reqwest::Client::new()
-            .post(format!("http://{api}/v1/completions"))
-            .bearer_auth(API_KEY)
-            .json(&serde_json::json!({"model": "chat", "prompt": "hi", "max_tokens": 2}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(complete_at(api, "chat").await.status(), 200);
     }
 
     // By hand, back to version 1: a new rollout, gated the same way.
@@ -839,14 +837,7 @@ async fn draining_a_node_refuses_new_requests_and_moves_its_replicas() {
         503,
         "a draining node is not healthy for new work"
     );
-    let r = reqwest::Client::new()
-        .post(format!("http://{other_api}/v1/completions"))
-        .bearer_auth(API_KEY)
-        .json(&serde_json::json!({"model": "chat", "prompt": "hi", "max_tokens": 2}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    assert_eq!(complete_at(other_api, "chat").await.status(), 200);
     other.stop().await.unwrap();
     w.stop(db).await;
 }
