@@ -17,6 +17,7 @@ pub mod audit_export;
 pub mod blobs;
 pub mod cli;
 pub mod deployments;
+pub mod file_chunks;
 pub mod fleet;
 pub mod grpc;
 pub mod http;

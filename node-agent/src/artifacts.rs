@@ -125,6 +125,7 @@ impl ArtifactCache {
         progress(offset, total);
         let writer = PartialWriter::open(&partial, offset).map_err(io(&partial))?;
         let mut sink = ChunkSink::start(writer, hasher);
+        let started = std::time::Instant::now();
         // What stopped the transfer, and whether what arrived must be thrown away.
         let mut stopped: Option<(ArtifactError, bool)> = None;
         if offset < total {
@@ -147,8 +148,10 @@ impl ArtifactCache {
                 }
             }
         }
+        let received = started.elapsed();
         // Everything received is hashed and written before anything is decided.
         let (file, hasher) = sink.finish().await.map_err(io(&partial))?;
+        let drained = started.elapsed();
         if let Some((error, throw_away)) = stopped {
             if throw_away {
                 drop(file);
@@ -173,6 +176,7 @@ impl ArtifactCache {
         }
         file.sync_all().map_err(io(&partial))?;
         drop(file);
+        let synced = started.elapsed();
         if let Err(reason) = verify(&partial, assignment, &digest, trust).await {
             discard(&partial);
             return Err(ArtifactError::Refused(reason));
@@ -182,7 +186,15 @@ impl ArtifactCache {
         if let Ok(dir) = std::fs::File::open(&self.dir) {
             let _ = dir.sync_all();
         }
-        tracing::info!(%digest, bytes = total, "artifact verified and cached");
+        tracing::info!(
+            %digest,
+            bytes = total,
+            received_ms = received.as_millis() as u64,
+            drained_ms = drained.as_millis() as u64,
+            synced_ms = synced.as_millis() as u64,
+            cached_ms = started.elapsed().as_millis() as u64,
+            "artifact verified and cached"
+        );
         Ok(target)
     }
 

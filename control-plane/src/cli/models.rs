@@ -263,54 +263,21 @@ async fn push(
     Ok(result?.into_inner())
 }
 
-/// Reads `source` into push messages on a blocking thread, straight into the chunk (no
-/// intermediate buffer). Chunks are recycled once tonic has encoded and dropped them, so the
-/// file is not read into freshly zeroed pages 250 times for a 250 MB model.
+/// Reads `source` into push messages on a blocking thread, straight into recycled chunks.
 fn read_chunks(
-    mut source: std::fs::File,
+    source: std::fs::File,
     tx: &tokio::sync::mpsc::Sender<wire::PushModelRequest>,
 ) -> std::io::Result<()> {
-    use std::io::Read;
-    let mut sent: std::collections::VecDeque<bytes::Bytes> = std::collections::VecDeque::new();
-    loop {
-        let reusable = match sent.pop_front() {
-            Some(old) => match old.try_into_mut() {
-                Ok(buffer) => Some(buffer),
-                Err(still_shared) => {
-                    sent.push_front(still_shared);
-                    None
-                }
-            },
-            None => None,
-        };
-        let mut chunk = reusable.unwrap_or_else(|| bytes::BytesMut::zeroed(CHUNK));
-        chunk.resize(CHUNK, 0);
-        let mut filled = 0;
-        while filled < CHUNK {
-            match source.read(&mut chunk[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if filled == 0 {
-            return Ok(());
-        }
-        chunk.truncate(filled);
-        let chunk = chunk.freeze();
-        sent.push_back(chunk.clone());
-        if sent.len() > 16 {
-            // Still held somewhere; let it go rather than track it forever.
-            sent.pop_front();
-        }
+    let mut chunks = crate::file_chunks::FileChunks::new(source, CHUNK);
+    while let Some(chunk) = chunks.next_chunk()? {
         let message = wire::PushModelRequest {
             body: Some(push_model_request::Body::Chunk(chunk)),
         };
         if tx.blocking_send(message).is_err() {
-            return Ok(());
+            break;
         }
     }
+    Ok(())
 }
 
 pub async fn run_trust(

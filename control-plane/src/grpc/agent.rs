@@ -183,7 +183,7 @@ fn send_artifact(
     tx: &mpsc::Sender<Result<ArtifactChunk, Status>>,
     sent: &prometheus_client::metrics::counter::Counter,
 ) {
-    use std::io::{Read, Seek, SeekFrom};
+    use std::io::{Seek, SeekFrom};
     let fail = |e: std::io::Error| {
         tracing::error!(path = %path.display(), error = %e, "reading an artifact failed");
         let _ = tx.blocking_send(Err(Status::internal(format!(
@@ -197,30 +197,20 @@ fn send_artifact(
     if let Err(e) = file.seek(SeekFrom::Start(offset)) {
         return fail(e);
     }
+    let mut chunks = crate::file_chunks::FileChunks::new(file, ARTIFACT_CHUNK);
     loop {
-        let mut buf = bytes::BytesMut::zeroed(ARTIFACT_CHUNK);
-        let mut filled = 0;
-        while filled < ARTIFACT_CHUNK {
-            match file.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return fail(e),
-            }
-        }
-        if filled == 0 {
-            return;
-        }
-        buf.truncate(filled);
-        let chunk = ArtifactChunk {
-            offset,
-            data: buf.freeze(),
+        let data = match chunks.next_chunk() {
+            Ok(Some(data)) => data,
+            Ok(None) => return,
+            Err(e) => return fail(e),
         };
-        offset += filled as u64;
+        let filled = data.len() as u64;
+        let chunk = ArtifactChunk { offset, data };
+        offset += filled;
         if tx.blocking_send(Ok(chunk)).is_err() {
             return;
         }
-        sent.inc_by(filled as u64);
+        sent.inc_by(filled);
     }
 }
 
