@@ -108,7 +108,9 @@ impl Registry {
         header: &PushHeader,
         staged: Staged,
     ) -> Result<ModelRecord, RegistryError> {
+        let started = std::time::Instant::now();
         let facts = self.inspect(staged.path()).await?;
+        let inspected = started.elapsed();
         let files = vec![(header.file_name.clone(), staged.digest.clone())];
         let policy = TrustPolicy::load(&self.store).await?;
         let acceptance = policy
@@ -118,9 +120,11 @@ impl Registry {
                 Some(header.signature_bundle.as_slice()),
             )
             .map_err(RegistryError::Policy)?;
+        let evaluated = started.elapsed();
         let digest = staged.digest.clone();
         let size = staged.size;
         staged.commit().await?;
+        let committed = started.elapsed();
         let artifact = ArtifactRecord {
             digest: digest.to_string(),
             size_bytes: size,
@@ -155,7 +159,16 @@ impl Registry {
             .register_model(artifact, &header.name, &header.version, event)
             .await?
             .map_err(RegistryError::Conflict)?;
-        tracing::info!(name = %model.name, version = %model.version, digest = %model.artifact.digest, "model registered");
+        tracing::info!(
+            name = %model.name,
+            version = %model.version,
+            digest = %model.artifact.digest,
+            inspected_ms = inspected.as_millis() as u64,
+            evaluated_ms = evaluated.as_millis() as u64,
+            committed_ms = committed.as_millis() as u64,
+            recorded_ms = started.elapsed().as_millis() as u64,
+            "model registered"
+        );
         Ok(model)
     }
 

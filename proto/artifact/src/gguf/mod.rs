@@ -186,7 +186,9 @@ pub enum GgufError {
 pub fn inspect_file(path: &Path, limits: &Limits) -> Result<GgufFacts, GgufError> {
     let file = std::fs::File::open(path)?;
     let len = file.metadata()?.len();
-    inspect(BufReader::new(file), len, limits)
+    // Large reads: a model's metadata (a 262k-token vocabulary is megabytes of short strings)
+    // was just written with O_DIRECT, so it comes from the disk, not the page cache.
+    inspect(BufReader::with_capacity(1 << 20, file), len, limits)
 }
 
 /// Same as [`inspect_file`] over any reader positioned at the start of the file, with the
