@@ -17,7 +17,6 @@ use steward_proto::agent::v1::agent_service_server::AgentServiceServer;
 use steward_proto::enrollment::{AdminCredential, hash_secret};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
@@ -176,7 +175,6 @@ impl ControlPlane {
         let http_addr = listeners.http.local_addr()?;
         let grpc = Server::builder()
             .tls_config(tls)?
-            .tcp_nodelay(true)
             // Large HTTP/2 windows so a model push is not throttled to 64 KiB per round trip.
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
@@ -214,7 +212,11 @@ impl ControlPlane {
             .add_service(reflection_alpha);
 
         let mut tasks = Vec::new();
-        let incoming = TcpListenerStream::new(listeners.grpc);
+        // No Nagle on accepted sockets (tonic's own `tcp_nodelay` setting only reaches sockets
+        // it binds itself). Without it, the end of a response waited for the client's delayed
+        // ACK: 40 ms added to about half of all CLI calls and pushes.
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
         let grpc_shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = grpc
