@@ -19,6 +19,7 @@ pub mod cli;
 pub mod deployments;
 pub mod file_chunks;
 pub mod fleet;
+pub mod gguf_probe;
 pub mod grpc;
 pub mod http;
 pub mod metrics;

@@ -102,14 +102,20 @@ impl Registry {
     /// Decides on a fully received upload: GGUF pre-parse, then the trust policy; only then
     /// is the blob published and the version recorded. Refusals are audited by the caller
     /// through [`Registry::audit_refusal`].
+    /// `streamed` is the pre-parse already run on the bytes as they arrived
+    /// ([`crate::gguf_probe::GgufProbe`]); without it the staged file is parsed.
     pub async fn accept(
         &self,
         actor: &Actor,
         header: &PushHeader,
         staged: Staged,
+        streamed: Option<Result<GgufFacts, GgufError>>,
     ) -> Result<ModelRecord, RegistryError> {
         let started = std::time::Instant::now();
-        let facts = self.inspect(staged.path()).await?;
+        let facts = match streamed {
+            Some(verdict) => verdict.map_err(RegistryError::Gguf)?,
+            None => self.inspect(staged.path()).await?,
+        };
         let inspected = started.elapsed();
         let files = vec![(header.file_name.clone(), staged.digest.clone())];
         let policy = TrustPolicy::load(&self.store).await?;
@@ -170,6 +176,11 @@ impl Registry {
             "model registered"
         );
         Ok(model)
+    }
+
+    /// Limits for the GGUF pre-parse.
+    pub fn gguf_limits(&self) -> &steward_artifact::gguf::Limits {
+        &self.settings.gguf_limits
     }
 
     async fn inspect(&self, path: &Path) -> Result<GgufFacts, RegistryError> {
@@ -239,7 +250,7 @@ impl Registry {
             signature_bundle,
         };
         self.check_header(&header)?;
-        self.accept(actor, &header, staged).await
+        self.accept(actor, &header, staged, None).await
     }
 
     pub async fn list(&self) -> Result<Vec<ModelRecord>, RegistryError> {

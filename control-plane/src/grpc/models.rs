@@ -135,6 +135,10 @@ impl ModelApi {
             .begin(header.size_bytes)
             .await
             .map_err(|e| no_digest(e.into()))?;
+        let mut probe = crate::gguf_probe::GgufProbe::start(
+            header.size_bytes,
+            self.registry.gguf_limits().clone(),
+        );
         while let Some(message) = stream.message().await.map_err(|e| {
             no_digest(RegistryError::InvalidArgument(format!(
                 "upload interrupted: {}",
@@ -150,6 +154,7 @@ impl ModelApi {
                 .write(&chunk)
                 .await
                 .map_err(|e| no_digest(e.into()))?;
+            probe.feed(chunk).await;
         }
         let received = started.elapsed();
         let staged = upload
@@ -163,8 +168,9 @@ impl ModelApi {
             "upload staged"
         );
         let digest = staged.digest.clone();
+        let streamed = probe.finish().await;
         self.registry
-            .accept(actor, header, staged)
+            .accept(actor, header, staged, streamed)
             .await
             .map_err(|e| (e, Some(digest)))
     }
