@@ -19,7 +19,6 @@ pub mod cli;
 pub mod deployments;
 pub mod file_chunks;
 pub mod fleet;
-pub mod gguf_probe;
 pub mod grpc;
 pub mod http;
 pub mod metrics;

@@ -103,7 +103,7 @@ impl Registry {
     /// is the blob published and the version recorded. Refusals are audited by the caller
     /// through [`Registry::audit_refusal`].
     /// `streamed` is the pre-parse already run on the bytes as they arrived
-    /// ([`crate::gguf_probe::GgufProbe`]); without it the staged file is parsed.
+    /// ([`steward_artifact::gguf::stream::GgufProbe`]); without it the staged file is parsed.
     pub async fn accept(
         &self,
         actor: &Actor,
@@ -129,7 +129,7 @@ impl Registry {
         let evaluated = started.elapsed();
         let digest = staged.digest.clone();
         let size = staged.size;
-        staged.commit().await?;
+        let blob = staged.commit().await?;
         let committed = started.elapsed();
         let artifact = ArtifactRecord {
             digest: digest.to_string(),
@@ -175,6 +175,8 @@ impl Registry {
             recorded_ms = started.elapsed().as_millis() as u64,
             "model registered"
         );
+        // A new model is usually deployed next: have its bytes in memory for the first pull.
+        crate::blobs::prefetch(blob, size);
         Ok(model)
     }
 

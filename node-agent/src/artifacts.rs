@@ -11,7 +11,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use steward_artifact::digest::{Sha256Hex, StreamingDigest};
-use steward_artifact::gguf::{Limits, inspect_file};
+use steward_artifact::gguf::stream::GgufProbe;
+use steward_artifact::gguf::{GgufError, GgufFacts, Limits, inspect_file};
 use steward_artifact::policy::{Policy, ScopedAnchor};
 use steward_artifact::signing::TrustAnchor;
 use steward_proto::agent::v1::agent_service_client::AgentServiceClient;
@@ -125,6 +126,8 @@ impl ArtifactCache {
         progress(offset, total);
         let writer = PartialWriter::open(&partial, offset).map_err(io(&partial))?;
         let mut sink = ChunkSink::start(writer, hasher);
+        // A pull from the first byte is pre-parsed as it streams; a resumed one from the file.
+        let mut probe = (offset == 0).then(|| GgufProbe::start(total, Limits::default()));
         let started = std::time::Instant::now();
         // What stopped the transfer, and whether what arrived must be thrown away.
         let mut stopped: Option<(ArtifactError, bool)> = None;
@@ -140,6 +143,7 @@ impl ArtifactCache {
                         .receive(
                             response.into_inner(),
                             &mut sink,
+                            probe.as_mut(),
                             &mut offset,
                             total,
                             progress,
@@ -177,7 +181,17 @@ impl ArtifactCache {
         file.sync_all().map_err(io(&partial))?;
         drop(file);
         let synced = started.elapsed();
-        if let Err(reason) = verify(&partial, assignment, &digest, trust).await {
+        let streamed = match probe {
+            Some(probe) => probe
+                .finish()
+                .await
+                .inspect_err(
+                    |e| tracing::error!(error = %e, "the streaming GGUF pre-parse stopped"),
+                )
+                .ok(),
+            None => None,
+        };
+        if let Err(reason) = verify(&partial, streamed, assignment, &digest, trust).await {
             discard(&partial);
             return Err(ArtifactError::Refused(reason));
         }
@@ -204,6 +218,7 @@ impl ArtifactCache {
         &self,
         mut stream: tonic::Streaming<steward_proto::agent::v1::ArtifactChunk>,
         sink: &mut ChunkSink,
+        mut probe: Option<&mut GgufProbe>,
         offset: &mut u64,
         total: u64,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
@@ -231,6 +246,9 @@ impl ArtifactCache {
                 return Some((ArtifactError::Interrupted { at: 0, reason }, true));
             }
             let len = chunk.data.len() as u64;
+            if let Some(probe) = probe.as_deref_mut() {
+                probe.feed(chunk.data.clone()).await;
+            }
             if !sink.push(chunk.data).await {
                 // The writing thread stopped; `finish` reports why.
                 return None;
@@ -490,18 +508,25 @@ impl ChunkSink {
     }
 }
 
-/// The same checks the control plane made, made again here: the GGUF pre-parse and the
-/// signature under the trust policy the control plane sent.
+/// The same checks the control plane made, made again here: the GGUF pre-parse (its verdict
+/// on the streamed bytes, or else on the file at `path`) and the signature under the trust
+/// policy the control plane sent.
 async fn verify(
     path: &Path,
+    streamed: Option<Result<GgufFacts, GgufError>>,
     assignment: &ModelAssignment,
     digest: &Sha256Hex,
     trust: &AgentTrustPolicy,
 ) -> Result<(), String> {
-    let path = path.to_owned();
-    let facts = tokio::task::spawn_blocking(move || inspect_file(&path, &Limits::default()))
-        .await
-        .map_err(|e| e.to_string())?;
+    let facts = match streamed {
+        Some(verdict) => verdict,
+        None => {
+            let path = path.to_owned();
+            tokio::task::spawn_blocking(move || inspect_file(&path, &Limits::default()))
+                .await
+                .map_err(|e| e.to_string())?
+        }
+    };
     facts.map_err(|e| format!("GGUF pre-parse: {}", steward_telemetry::chain(&e)))?;
     let policy = policy(trust);
     let bundle =

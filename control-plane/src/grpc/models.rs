@@ -135,7 +135,7 @@ impl ModelApi {
             .begin(header.size_bytes)
             .await
             .map_err(|e| no_digest(e.into()))?;
-        let mut probe = crate::gguf_probe::GgufProbe::start(
+        let mut probe = steward_artifact::gguf::stream::GgufProbe::start(
             header.size_bytes,
             self.registry.gguf_limits().clone(),
         );
@@ -168,7 +168,11 @@ impl ModelApi {
             "upload staged"
         );
         let digest = staged.digest.clone();
-        let streamed = probe.finish().await;
+        let streamed = probe
+            .finish()
+            .await
+            .inspect_err(|e| tracing::error!(error = %e, "the streaming GGUF pre-parse stopped"))
+            .ok();
         self.registry
             .accept(actor, header, staged, streamed)
             .await

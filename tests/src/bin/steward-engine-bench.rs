@@ -65,7 +65,7 @@ struct Args {
     #[arg(long, default_value_t = 512)]
     pp_tokens: usize,
     /// Repetitions of the single-stream prompt and decode measurements (median taken).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 9)]
     reps: usize,
     /// The endpoint the load uses.
     #[arg(long, value_enum, default_value_t = ApiArg::Completions)]

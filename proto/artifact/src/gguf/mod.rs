@@ -28,6 +28,7 @@
 
 mod facts;
 mod reader;
+pub mod stream;
 mod types;
 pub mod writer;
 

@@ -1,13 +1,14 @@
-//! The GGUF pre-parse of a push, run on the bytes as they arrive instead of on the staged
-//! file afterwards. The parser only needs the header (metadata and tensor infos, checked
-//! against the announced size), so it finishes early in the stream and its cost, megabytes
-//! of vocabulary strings for a large tokenizer, overlaps the transfer. The checks are the
-//! same [`steward_artifact::gguf::inspect`] makes on a file.
+//! The GGUF pre-parse run on an artifact's bytes as they arrive (a push to the control plane,
+//! a pull by an agent) instead of on the written file afterwards. The parser only needs the
+//! header (metadata and tensor infos, checked against the announced size), so it finishes
+//! early in the stream and its cost, megabytes of vocabulary strings for a large tokenizer,
+//! overlaps the transfer. The checks are the same [`super::inspect`] makes on a file.
 
 use bytes::{Buf, Bytes};
-use steward_artifact::gguf::{GgufError, GgufFacts, Limits};
 
-/// Chunks queued for the parser. Each is a reference to bytes the upload holds anyway, so
+use super::{GgufError, GgufFacts, Limits};
+
+/// Chunks queued for the parser. Each is a reference to bytes the transfer holds anyway, so
 /// this bounds the extra memory to a few chunks while the header is parsed.
 const QUEUE: usize = 16;
 
@@ -17,8 +18,8 @@ pub struct GgufProbe {
 }
 
 impl GgufProbe {
-    /// Starts parsing an upload of `total_len` bytes (the size the client announced; an
-    /// upload of any other size is refused before its facts are used).
+    /// Starts parsing a transfer of `total_len` bytes (the announced size; a transfer of any
+    /// other size is refused before its facts are used).
     pub fn start(total_len: u64, limits: Limits) -> Self {
         let (feed, chunks) = tokio::sync::mpsc::channel(QUEUE);
         let parse = tokio::task::spawn_blocking(move || {
@@ -26,7 +27,7 @@ impl GgufProbe {
                 chunks,
                 current: Bytes::new(),
             };
-            steward_artifact::gguf::inspect(reader, total_len, &limits)
+            super::inspect(reader, total_len, &limits)
         });
         Self {
             feed: Some(feed),
@@ -34,7 +35,7 @@ impl GgufProbe {
         }
     }
 
-    /// Hands the parser the upload's next bytes, until it has read all it needs.
+    /// Hands the parser the transfer's next bytes, until it has read all it needs.
     pub async fn feed(&mut self, chunk: Bytes) {
         if let Some(feed) = &self.feed
             && feed.send(chunk).await.is_err()
@@ -44,17 +45,11 @@ impl GgufProbe {
         }
     }
 
-    /// The parser's verdict once the whole upload has been fed. `None` if the parser
-    /// itself broke (a panic); the caller then inspects the staged file instead.
-    pub async fn finish(mut self) -> Option<Result<GgufFacts, GgufError>> {
+    /// The parser's verdict once the whole transfer has been fed, or why the parser itself
+    /// broke (a panic); the caller then inspects the written file instead.
+    pub async fn finish(mut self) -> Result<Result<GgufFacts, GgufError>, tokio::task::JoinError> {
         self.feed = None;
-        match self.parse.await {
-            Ok(verdict) => Some(verdict),
-            Err(e) => {
-                tracing::error!(error = %e, "the streaming GGUF pre-parse stopped");
-                None
-            }
-        }
+        self.parse.await
     }
 }
 
@@ -82,7 +77,7 @@ impl std::io::Read for ChunkReader {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use steward_artifact::gguf::writer::GgufWriter;
+    use crate::gguf::writer::GgufWriter;
 
     fn model() -> Vec<u8> {
         let vocab: Vec<String> = (0..5000).map(|i| format!("token-{i}")).collect();
@@ -107,8 +102,7 @@ mod tests {
     async fn streamed_pre_parse_finds_the_same_facts_as_the_file_check() {
         let bytes = model();
         let expected =
-            steward_artifact::gguf::inspect(&bytes[..], bytes.len() as u64, &Limits::default())
-                .unwrap();
+            crate::gguf::inspect(&bytes[..], bytes.len() as u64, &Limits::default()).unwrap();
         for chunk in [1, 7, 4096, 1 << 20] {
             let facts = probe(&bytes, bytes.len() as u64, chunk).await.unwrap();
             assert_eq!(
@@ -126,11 +120,11 @@ mod tests {
         let cut = &bytes[..bytes.len() / 3];
         let err = probe(cut, cut.len() as u64, 4096).await.unwrap_err();
         assert!(matches!(err, GgufError::Truncated { .. }), "{err}");
-        // Tensor data announced past the end of the upload.
+        // Tensor data announced past the end of the transfer.
         let err = probe(&bytes, bytes.len() as u64 - 1, 4096)
             .await
             .unwrap_err();
-        let file_err = steward_artifact::gguf::inspect(
+        let file_err = crate::gguf::inspect(
             &bytes[..bytes.len() - 1],
             bytes.len() as u64 - 1,
             &Limits::default(),
