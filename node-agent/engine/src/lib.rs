@@ -8,6 +8,7 @@
 pub mod api;
 pub mod config;
 mod gpu;
+mod memory;
 pub mod metrics;
 mod model;
 pub mod request;

@@ -203,11 +203,11 @@ impl Inner {
             .lock()
             .expect("model thread lock poisoned")
             .take();
-        if let Some(thread) = thread
-            && thread.join().is_err()
-        {
+        let Some(thread) = thread else { return };
+        if thread.join().is_err() {
             tracing::error!(model = %self.info.name, "the inference thread panicked");
         }
+        crate::memory::return_freed_memory_to_the_os();
     }
 }
 
