@@ -59,7 +59,7 @@ ensure_llama_tools() {
     -DLLAMA_BUILD_NUMBER=0 -DLLAMA_BUILD_COMMIT="llama-cpp-python-$LLAMA_CPP_PYTHON_VERSION" \
     >"$root/cmake-configure.log" 2>&1 ||
     { log "cmake configure failed; see $root/cmake-configure.log"; tail -n 30 "$root/cmake-configure.log" >&2; exit 1; }
-  cmake --build "$build" --config Release -j2 --target llama-bench llama-server \
+  cmake --build "$build" --config Release -j2 --target llama-bench llama-server llama-batched-bench \
     >"$root/cmake-build.log" 2>&1 ||
     { log "llama.cpp build failed; see $root/cmake-build.log"; tail -n 30 "$root/cmake-build.log" >&2; exit 1; }
 
