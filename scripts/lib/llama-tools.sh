@@ -12,13 +12,17 @@
 # llama-cpp-sys-2 0.1.161 builds into our engine (ggml 0.26.0).
 LLAMA_CPP_PYTHON_VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 
-# Exports LLAMA_BENCH and LLAMA_SERVER (absolute paths).
+# Exports LLAMA_BENCH, LLAMA_SERVER and LLAMA_BATCHED_BENCH (absolute paths). The last one is
+# for reading llama.cpp's own multi-stream scaling on a machine (docs/BENCHMARKS.md).
 ensure_llama_tools() {
   local root=target/llama-tools
   local bin=$root/bin/$LLAMA_CPP_PYTHON_VERSION-noamx
   export LLAMA_BENCH=$PWD/$bin/llama-bench
   export LLAMA_SERVER=$PWD/$bin/llama-server
-  if [ -x "$LLAMA_BENCH" ] && [ -x "$LLAMA_SERVER" ]; then return 0; fi
+  export LLAMA_BATCHED_BENCH=$PWD/$bin/llama-batched-bench
+  if [ -x "$LLAMA_BENCH" ] && [ -x "$LLAMA_SERVER" ] && [ -x "$LLAMA_BATCHED_BENCH" ]; then
+    return 0
+  fi
 
   if ! command -v cmake >/dev/null 2>&1; then
     log "installing cmake (to build llama.cpp's reference tools)"
@@ -44,7 +48,7 @@ ensure_llama_tools() {
   fi
 
   local build=$root/build/$LLAMA_CPP_PYTHON_VERSION
-  log "building llama-bench and llama-server (Release, GGML_NATIVE; several minutes on 2 cores)"
+  log "building llama-bench, llama-server and llama-batched-bench (Release, GGML_NATIVE; several minutes on 2 cores)"
   # LLAMA_CURL is gone from this llama.cpp (HTTPS is LLAMA_OPENSSL now); LLAMA_BUILD_NUMBER and
   # LLAMA_BUILD_COMMIT keep its build-info from reading this repository's git history (the
   # unpacked sdist is not a git checkout, but it lies inside ours).
@@ -66,6 +70,8 @@ ensure_llama_tools() {
   mkdir -p "$bin"
   install -m 0755 "$build/bin/llama-bench" "$bin/llama-bench.part"
   install -m 0755 "$build/bin/llama-server" "$bin/llama-server.part"
+  install -m 0755 "$build/bin/llama-batched-bench" "$bin/llama-batched-bench.part"
   mv "$bin/llama-bench.part" "$LLAMA_BENCH"
   mv "$bin/llama-server.part" "$LLAMA_SERVER"
+  mv "$bin/llama-batched-bench.part" "$LLAMA_BATCHED_BENCH"
 }
