@@ -182,13 +182,7 @@ impl ArtifactCache {
         drop(file);
         let synced = started.elapsed();
         let streamed = match probe {
-            Some(probe) => probe
-                .finish()
-                .await
-                .inspect_err(
-                    |e| tracing::error!(error = %e, "the streaming GGUF pre-parse stopped"),
-                )
-                .ok(),
+            Some(probe) => probe.finish().await,
             None => None,
         };
         if let Err(reason) = verify(&partial, streamed, assignment, &digest, trust).await {

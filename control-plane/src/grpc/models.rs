@@ -168,11 +168,7 @@ impl ModelApi {
             "upload staged"
         );
         let digest = staged.digest.clone();
-        let streamed = probe
-            .finish()
-            .await
-            .inspect_err(|e| tracing::error!(error = %e, "the streaming GGUF pre-parse stopped"))
-            .ok();
+        let streamed = probe.finish().await;
         self.registry
             .accept(actor, header, staged, streamed)
             .await

@@ -45,11 +45,14 @@ impl GgufProbe {
         }
     }
 
-    /// The parser's verdict once the whole transfer has been fed, or why the parser itself
-    /// broke (a panic); the caller then inspects the written file instead.
-    pub async fn finish(mut self) -> Result<Result<GgufFacts, GgufError>, tokio::task::JoinError> {
+    /// The parser's verdict once the whole transfer has been fed. `None` when the parser
+    /// itself broke (a panic, logged here); the caller then inspects the written file instead.
+    pub async fn finish(mut self) -> Option<Result<GgufFacts, GgufError>> {
         self.feed = None;
-        self.parse.await
+        self.parse
+            .await
+            .inspect_err(|e| tracing::error!(error = %e, "the streaming GGUF pre-parse stopped"))
+            .ok()
     }
 }
 
