@@ -345,9 +345,7 @@ impl Drop for Upload {
     }
 }
 
-/// A complete upload waiting to be checked. [`Staged::commit`] publishes it; dropping it
-/// deletes it.
-/// Most of the machine's RAM, as a fraction, that [`prefetch`] asks the page cache to hold.
+/// [`prefetch`] asks the page cache to hold at most 1/N of the machine's RAM.
 const PREFETCH_RAM_DIVISOR: u64 = 8;
 
 /// Asks the kernel, in the background, to read a just-accepted blob (its first
@@ -384,6 +382,8 @@ pub fn prefetch(path: PathBuf, len: u64) {
     });
 }
 
+/// A complete upload waiting to be checked. [`Staged::commit`] publishes it; dropping it
+/// deletes it.
 #[derive(Debug)]
 pub struct Staged {
     store: BlobStore,

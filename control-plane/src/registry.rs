@@ -102,6 +102,7 @@ impl Registry {
     /// Decides on a fully received upload: GGUF pre-parse, then the trust policy; only then
     /// is the blob published and the version recorded. Refusals are audited by the caller
     /// through [`Registry::audit_refusal`].
+    ///
     /// `streamed` is the pre-parse already run on the bytes as they arrived
     /// ([`steward_artifact::gguf::stream::GgufProbe`]); without it the staged file is parsed.
     pub async fn accept(

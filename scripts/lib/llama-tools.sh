@@ -68,10 +68,9 @@ ensure_llama_tools() {
     { log "llama.cpp build failed; see $root/cmake-build.log"; tail -n 30 "$root/cmake-build.log" >&2; exit 1; }
 
   mkdir -p "$bin"
-  install -m 0755 "$build/bin/llama-bench" "$bin/llama-bench.part"
-  install -m 0755 "$build/bin/llama-server" "$bin/llama-server.part"
-  install -m 0755 "$build/bin/llama-batched-bench" "$bin/llama-batched-bench.part"
-  mv "$bin/llama-bench.part" "$LLAMA_BENCH"
-  mv "$bin/llama-server.part" "$LLAMA_SERVER"
-  mv "$bin/llama-batched-bench.part" "$LLAMA_BATCHED_BENCH"
+  local tool
+  for tool in llama-bench llama-server llama-batched-bench; do
+    install -m 0755 "$build/bin/$tool" "$bin/$tool.part"
+    mv "$bin/$tool.part" "$bin/$tool"
+  done
 }
