@@ -9,7 +9,8 @@
 //! - TTFT: from sending the request to the first chunk carrying generated text;
 //! - TPOT: (last token's arrival − first token's arrival) ÷ (completion tokens − 1);
 //! - `usage.prompt_tokens` and `usage.completion_tokens` (required: counts come from the
-//!   server, not from counting chunks, which may carry more than one token).
+//!   server, not from counting chunks, which may carry more than one token), and
+//!   `usage.prompt_tokens_details.cached_tokens` where the server reports it.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -93,12 +94,18 @@ impl Target {
 pub struct Request {
     pub prompt: String,
     pub max_tokens: u32,
+    /// Sent as llama.cpp's `cache_prompt`: `false` makes the server decode the whole prompt
+    /// instead of reusing the KV of a prefix it has cached.
+    pub cache_prompt: bool,
 }
 
 /// What one streamed request measured.
 #[derive(Clone, Debug)]
 pub struct Sample {
     pub prompt_tokens: u64,
+    /// `usage.prompt_tokens_details.cached_tokens`: prompt tokens the server took from its
+    /// cache rather than decoded (0 when it does not say).
+    pub cached_tokens: u64,
     pub completion_tokens: u64,
     /// Send → first chunk with generated text.
     pub ttft: Duration,
@@ -142,6 +149,7 @@ pub async fn stream_one(
         "stream": true,
         "stream_options": { "include_usage": true },
         "ignore_eos": true,
+        "cache_prompt": request.cache_prompt,
     });
     match target.api {
         Api::Completions => body["prompt"] = json!(request.prompt),
@@ -164,7 +172,7 @@ pub async fn stream_one(
     let mut events = SseBuffer::default();
     let mut first: Option<Instant> = None;
     let mut last: Option<Instant> = None;
-    let mut usage: Option<(u64, u64)> = None;
+    let mut usage: Option<(u64, u64, u64)> = None;
     let mut timings = None;
     let mut done = false;
     while let Some(chunk) = response
@@ -199,7 +207,10 @@ pub async fn stream_one(
                         .as_u64()
                         .with_context(|| format!("POST {url}: usage without {field}: {u}"))
                 };
-                usage = Some((count("prompt_tokens")?, count("completion_tokens")?));
+                let cached = u["prompt_tokens_details"]["cached_tokens"]
+                    .as_u64()
+                    .unwrap_or(0);
+                usage = Some((count("prompt_tokens")?, count("completion_tokens")?, cached));
             }
             if let Some(t) = event.get("timings") {
                 timings = Some(t.clone());
@@ -208,7 +219,7 @@ pub async fn stream_one(
     }
     let total = sent.elapsed();
     ensure!(done, "POST {url}: the stream ended without `data: [DONE]`");
-    let (prompt_tokens, completion_tokens) = usage.with_context(|| {
+    let (prompt_tokens, completion_tokens, cached_tokens) = usage.with_context(|| {
         format!(
             "POST {url}: no `usage` in the stream although stream_options.include_usage was set"
         )
@@ -218,6 +229,7 @@ pub async fn stream_one(
     };
     Ok(Sample {
         prompt_tokens,
+        cached_tokens,
         completion_tokens,
         ttft: first - sent,
         decode: last - first,
@@ -699,6 +711,7 @@ mod tests {
     fn tpot_excludes_the_first_token() {
         let sample = Sample {
             prompt_tokens: 10,
+            cached_tokens: 0,
             completion_tokens: 5,
             ttft: Duration::from_millis(100),
             decode: Duration::from_millis(40),

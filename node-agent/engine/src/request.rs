@@ -90,6 +90,11 @@ pub struct GenerationRequest {
     pub stop: Vec<String>,
     /// Keep generating past end-of-generation tokens (for benchmarks).
     pub ignore_eos: bool,
+    /// Reuse the slot's cached KV for the prompt's longest cached prefix (llama.cpp's
+    /// `cache_prompt`). `false` decodes the whole prompt, so the answer does not depend on
+    /// what the slot ran before (batch shapes change logits in the last bits) and a prompt
+    /// benchmark decodes exactly the tokens it counts.
+    pub cache_prompt: bool,
 }
 
 impl GenerationRequest {
@@ -100,6 +105,7 @@ impl GenerationRequest {
             max_tokens: None,
             stop: Vec::new(),
             ignore_eos: false,
+            cache_prompt: true,
         }
     }
 }
@@ -125,6 +131,8 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
+    /// Prompt tokens taken from the slot's KV cache instead of decoded.
+    pub cached_tokens: u32,
 }
 
 /// What the inference thread sends back, in order: `Accepted`, any number of `Text`, then

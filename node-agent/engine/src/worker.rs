@@ -194,6 +194,8 @@ struct Pending {
 struct Active {
     seq: i32,
     prompt: Vec<LlamaToken>,
+    /// Prompt tokens whose KV was kept from the slot's previous request.
+    cached_tokens: u32,
     prefilled: usize,
     /// Next position in the sequence.
     pos: i32,
@@ -425,12 +427,18 @@ impl Worker<'_> {
             };
             let p = self.queue.pop_front().expect("front exists");
             // The last prompt token is always decoded again: its logits give the first token.
-            let reused = self.reuse_prefix(seq, common.min(p.tokens.len() - 1));
+            let keep = if p.request.cache_prompt {
+                common.min(p.tokens.len() - 1)
+            } else {
+                0
+            };
+            let reused = self.reuse_prefix(seq, keep);
             let mut sampler = Sampler::new(&p.request.sampling, n_vocab);
             sampler.accept_prompt(&p.tokens);
             self.slots[seq] = Some(Active {
                 seq: seq as i32,
                 prompt: p.tokens,
+                cached_tokens: reused as u32,
                 prefilled: reused,
                 pos: reused as i32,
                 next: None,
@@ -578,6 +586,7 @@ impl Worker<'_> {
         let usage = Usage {
             prompt_tokens: active.prompt.len() as u32,
             completion_tokens: active.generated,
+            cached_tokens: active.cached_tokens,
         };
         if let (Some(first), Some(last)) = (active.first_token_at, active.last_token_at)
             && active.generated > 1

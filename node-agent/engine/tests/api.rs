@@ -163,6 +163,34 @@ async fn completions_accept_a_prompt_and_stop_strings() {
 }
 
 #[tokio::test]
+async fn usage_counts_cached_prompt_tokens_and_cache_prompt_false_turns_the_cache_off() {
+    let s = tiny_server(1, 512).await;
+    let prompt = "the fleet signed the model and the node answered";
+    let request = |cache_prompt: Option<bool>| {
+        let mut body = json!({"model": "tiny", "prompt": prompt, "max_tokens": 4,
+                              "temperature": 0, "ignore_eos": true});
+        if let Some(c) = cache_prompt {
+            body["cache_prompt"] = json!(c);
+        }
+        body
+    };
+    let cached = |body: &serde_json::Value| {
+        body["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no cached_tokens in {body}"))
+    };
+    let (status, first) = post(&s, "/v1/completions", request(None)).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(cached(&first), 0);
+    let prompt_tokens = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    let (_, again) = post(&s, "/v1/completions", request(None)).await;
+    assert_eq!(cached(&again), prompt_tokens - 1);
+    let (_, off) = post(&s, "/v1/completions", request(Some(false))).await;
+    assert_eq!(cached(&off), 0);
+    assert_eq!(off["choices"][0]["text"], first["choices"][0]["text"]);
+}
+
+#[tokio::test]
 async fn streaming_chat_sends_chunks_usage_and_done() {
     let s = tiny_server(1, 512).await;
     let r = client()

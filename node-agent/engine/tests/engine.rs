@@ -328,6 +328,8 @@ async fn a_prompt_that_shares_a_prefix_with_the_last_one_reuses_its_cache() {
         1,
         "only the last prompt token is decoded again"
     );
+    assert_eq!(first.usage.cached_tokens, 0);
+    assert_eq!(again.usage.cached_tokens, again.usage.prompt_tokens - 1);
     // A different prompt in the same slot starts over and still answers as a fresh slot would.
     let other = collect(l.model.submit(text("hello world", 8))).await;
     let fresh = load_tiny(TinyModel::default(), 1, 1024);
@@ -337,6 +339,29 @@ async fn a_prompt_that_shares_a_prefix_with_the_last_one_reuses_its_cache() {
             .await
             .text
     );
+}
+
+#[tokio::test]
+async fn a_request_that_turns_the_prompt_cache_off_decodes_its_whole_prompt() {
+    let l = load_tiny(TinyModel::default(), 1, 1024);
+    let prompt = "the fleet signed the model and the node answered the question ".repeat(4);
+    let first = collect(l.model.submit(text(&prompt, 16))).await;
+    let before = l.model.stats().prompt_tokens;
+    let uncached = collect(l.model.submit(GenerationRequest {
+        cache_prompt: false,
+        ..text(&prompt, 16)
+    }))
+    .await;
+    assert_eq!(uncached.usage.cached_tokens, 0);
+    assert_eq!(
+        l.model.stats().prompt_tokens - before,
+        u64::from(uncached.usage.prompt_tokens),
+        "every prompt token is decoded again"
+    );
+    assert_eq!(uncached.text, first.text);
+    // The slot's cache holds this prompt again, for the next request that allows it.
+    let cached = collect(l.model.submit(text(&prompt, 16))).await;
+    assert_eq!(cached.usage.cached_tokens, cached.usage.prompt_tokens - 1);
 }
 
 #[tokio::test]

@@ -12,7 +12,10 @@
 //!    aggregate generation t/s, TTFT and TPOT p50/p99.
 //!
 //! Every prompt starts with its own number, so no server can answer from a prompt cache, and
-//! both servers get the very same prompts (their `usage.prompt_tokens` are compared).
+//! both servers get the very same prompts (their `usage.prompt_tokens` are compared). The
+//! prompt-processing requests also set `cache_prompt: false`: the numbers still share the BOS
+//! token and leading digits, and a server reusing those would decode 506–511 tokens, not the
+//! 512 that pp512 decodes (both servers must report `cached_tokens: 0` for them).
 //!
 //! ```text
 //! scripts/bench-engine.sh [--markdown FILE] [--requests N] …
@@ -423,6 +426,7 @@ impl Bench {
             let warm_up = Request {
                 prompt: prompt(999_999, 16),
                 max_tokens: 16,
+                cache_prompt: true,
             };
             openai_load::stream_one(&http, target, &warm_up)
                 .await
@@ -454,9 +458,13 @@ impl Bench {
                     self.interleaved.push(b);
                 }
                 for (side, _, target) in ordered(rep) {
+                    // Without the prompt cache, so each server decodes all of the prompt's
+                    // tokens, as pp512 does (a cached BOS and leading digits would leave an
+                    // uneven batch, which ggml's kernels compute less efficiently).
                     let request = Request {
                         prompt: prompt(1_000 + rep, words),
                         max_tokens: 1,
+                        cache_prompt: false,
                     };
                     let sample = openai_load::stream_one(&http, target, &request).await?;
                     measured.entry(*side).or_default().pp.push(sample);
@@ -465,6 +473,7 @@ impl Bench {
                     let request = Request {
                         prompt: prompt(2_000 + rep, 8),
                         max_tokens: self.args.max_tokens,
+                        cache_prompt: true,
                     };
                     let sample = openai_load::stream_one(&http, target, &request).await?;
                     measured.entry(*side).or_default().tg.push(sample);
@@ -495,6 +504,7 @@ impl Bench {
                                 words,
                             ),
                             max_tokens,
+                            cache_prompt: true,
                         })
                         .await
                         .with_context(|| format!("{}: {c} clients", side.label()))?;
@@ -535,6 +545,7 @@ impl Bench {
             let probe = Request {
                 prompt: prompt(probe_id, words),
                 max_tokens: 1,
+                cache_prompt: true,
             };
             let got = openai_load::stream_one(&self.http, target, &probe).await?;
             let got = usize::try_from(got.prompt_tokens)?;
@@ -740,6 +751,15 @@ impl Bench {
                     format!("{c}-client"),
                     phase.prompt_tokens(),
                     theirs.prompt_tokens(),
+                ));
+            }
+        }
+        for (side, m) in [("ours", ours), ("llama-server", llama)] {
+            let cached: u64 = m.pp.iter().map(|s| s.cached_tokens).sum();
+            if cached > 0 {
+                self.notes.push(format!(
+                    "UNFAIR: {side} took {cached} prompt tokens from its cache in the \
+                     prompt-processing requests, which asked for none"
                 ));
             }
         }

@@ -19,7 +19,7 @@ pub struct StreamOptions {
 }
 
 /// Sampling and length fields shared by both endpoints (OpenAI's, plus llama.cpp's
-/// `top_k`, `min_p`, `repeat_penalty` and `ignore_eos` extensions).
+/// `top_k`, `min_p`, `repeat_penalty`, `ignore_eos` and `cache_prompt` extensions).
 #[derive(Debug, Default, Deserialize)]
 pub struct CommonParams {
     pub max_tokens: Option<u32>,
@@ -40,6 +40,7 @@ pub struct CommonParams {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub ignore_eos: bool,
+    pub cache_prompt: Option<bool>,
 }
 
 impl CommonParams {
@@ -92,6 +93,7 @@ impl CommonParams {
             max_tokens: self.max_completion_tokens.or(self.max_tokens),
             stop,
             ignore_eos: self.ignore_eos,
+            cache_prompt: self.cache_prompt.unwrap_or(true),
         })
     }
 }
@@ -186,6 +188,13 @@ pub struct UsageBody {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of the prompt tokens: how many came from the prompt cache.
+#[derive(Debug, Serialize, Deserialize, Clone, Copy, PartialEq, Eq)]
+pub struct PromptTokensDetails {
+    pub cached_tokens: u32,
 }
 
 impl From<Usage> for UsageBody {
@@ -194,6 +203,9 @@ impl From<Usage> for UsageBody {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: u.cached_tokens,
+            },
         }
     }
 }
