@@ -265,6 +265,56 @@ async fn an_unknown_model_is_404_and_a_bad_body_400_naming_the_problem() {
 }
 
 #[tokio::test]
+async fn a_field_of_the_wrong_type_is_a_400_that_names_the_field() {
+    let s = tiny_server(1, 256).await;
+    let chat = |extra: Value| {
+        let mut body = json!({"model": "tiny", "messages": [{"role": "user", "content": "x"}]});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        body
+    };
+    // A sampling parameter (a field of the flattened struct both endpoints share).
+    let (status, body) = post(
+        &s,
+        "/v1/chat/completions",
+        chat(json!({"cache_prompt": "no"})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["param"], "cache_prompt", "{body}");
+    assert!(
+        assert_openai_error(&body, "invalid_request_error").contains("`cache_prompt`"),
+        "{body}"
+    );
+    let (status, body) = post(
+        &s,
+        "/v1/completions",
+        json!({"model": "tiny", "prompt": "x", "stop": ["a", 7]}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["param"], "stop", "{body}");
+    assert!(
+        assert_openai_error(&body, "invalid_request_error")
+            .contains("expected a string or an array of strings"),
+        "{body}"
+    );
+    // A field of the endpoint's own request.
+    let (status, body) = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"model": "tiny", "messages": [{"role": 1, "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(body["error"]["param"], "messages[0].role", "{body}");
+    // Valid parameters still generate.
+    let (status, body) = post(&s, "/v1/chat/completions", chat(json!({"max_tokens": 2}))).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
 async fn a_request_that_does_not_fit_the_context_is_a_400_not_a_crash() {
     let s = tiny_server(1, 64).await;
     let (status, body) = post(

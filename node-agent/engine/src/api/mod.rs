@@ -228,9 +228,40 @@ async fn healthz(State(state): State<ApiState>) -> impl IntoResponse {
     (status, axum::Json(body))
 }
 
+/// Parses a request body; a field of the wrong type is named in the message and in `param`.
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid_request(format!("invalid request body: {e}")))
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let error = match serde_path_to_error::deserialize(&mut json) {
+        Ok(request) => {
+            return json
+                .end()
+                .map(|()| request)
+                .map_err(|e| ApiError::invalid_request(format!("invalid request body: {e}")));
+        }
+        Err(e) => e,
+    };
+    // serde loses the path inside a `#[serde(flatten)]` struct (the sampling parameters
+    // every endpoint shares); parsed on their own, they say which field was wrong.
+    let field = Some(error.path().to_string())
+        .filter(|path| path != ".")
+        .or_else(|| common_params_error(body));
+    let inner = error.into_inner();
+    Err(match field {
+        Some(field) => {
+            ApiError::invalid_request(format!("invalid request body: `{field}`: {inner}"))
+                .with_param(field)
+        }
+        None => ApiError::invalid_request(format!("invalid request body: {inner}")),
+    })
+}
+
+/// The path of the sampling parameter that does not parse, if one does not.
+fn common_params_error(body: &Bytes) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    serde_path_to_error::deserialize::<_, openai::CommonParams>(value)
+        .err()
+        .map(|e| e.path().to_string())
+        .filter(|path| path != ".")
 }
 
 /// Which endpoint a generation answers, for the shape of its responses.

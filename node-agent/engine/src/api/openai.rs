@@ -6,7 +6,7 @@ use super::error::ApiError;
 use crate::request::{ChatMessage, GenerationRequest, Prompt, SamplingParams, Usage};
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a string or an array of strings")]
 pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
