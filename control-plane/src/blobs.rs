@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 use steward_artifact::digest::{Sha256Hex, StreamingDigest};
+use steward_artifact::direct_write::{AlignedBlock as Block, DirectWriter, aligned_block};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -68,14 +69,14 @@ impl BlobStore {
             .root
             .join("tmp")
             .join(format!("{}.partial", uuid::Uuid::new_v4()));
-        let out = BlobWriter::create(&path).map_err(|source| BlobError::Io {
+        let out = DirectWriter::create_new(&path).map_err(|source| BlobError::Io {
             path: path.clone(),
             source,
         })?;
         let (full_tx, full_rx) = tokio::sync::mpsc::channel::<Block>(POOL);
         let (free_tx, free_rx) = tokio::sync::mpsc::channel::<Block>(POOL);
         for _ in 1..POOL {
-            let _ = free_tx.try_send(Block::with_capacity(DIRECT_ALIGN, BLOCK));
+            let _ = free_tx.try_send(aligned_block(BLOCK));
         }
         let writer_path = path.clone();
         let writer = tokio::task::spawn_blocking(move || {
@@ -86,7 +87,7 @@ impl BlobStore {
         });
         Ok(Upload {
             store: self.clone(),
-            current: Some(Block::with_capacity(DIRECT_ALIGN, BLOCK)),
+            current: Some(aligned_block(BLOCK)),
             free: free_rx,
             full: Some(full_tx),
             writer: Some(writer),
@@ -122,10 +123,6 @@ impl BlobStore {
     }
 }
 
-/// An aligned block of upload bytes.
-type Block = aligned_vec::AVec<u8, aligned_vec::ConstAlign<DIRECT_ALIGN>>;
-
-const DIRECT_ALIGN: usize = 4096;
 const BLOCK: usize = 8 << 20;
 /// Blocks per upload: one being filled, one being hashed, one being written, one queued.
 const POOL: usize = 4;
@@ -137,7 +134,7 @@ const POOL: usize = 4;
 fn hash_and_write(
     mut full: tokio::sync::mpsc::Receiver<Block>,
     free: tokio::sync::mpsc::Sender<Block>,
-    mut out: BlobWriter,
+    mut out: DirectWriter,
 ) -> std::io::Result<StreamingDigest> {
     let (hashed_tx, hashed_rx) = std::sync::mpsc::sync_channel::<Block>(POOL);
     std::thread::scope(|scope| {
@@ -145,7 +142,7 @@ fn hash_and_write(
             while let Ok(mut block) = hashed_rx.recv() {
                 if block.len() < BLOCK {
                     // Only the final block is partial.
-                    return out.finish(Some(&mut block));
+                    return out.finish(&mut block)?.sync_all();
                 }
                 out.write_block(&block)?;
                 block.clear();
@@ -170,70 +167,6 @@ fn hash_and_write(
             .map_err(|_| std::io::Error::other("blob writer thread panicked"))??;
         Ok(digest)
     })
-}
-
-/// Writes a blob to disk. Where the filesystem supports it, the file is opened with
-/// `O_DIRECT`: copying gigabytes into the page cache cost more CPU than hashing them (it
-/// dominated push profiles), and the bytes must reach the disk before the blob is published
-/// anyway. Elsewhere (e.g. tmpfs) it falls back to plain writes.
-struct BlobWriter {
-    file: std::fs::File,
-    direct: bool,
-    len: u64,
-}
-
-impl BlobWriter {
-    fn create(path: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let direct = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path);
-        match direct {
-            Ok(file) => Ok(Self {
-                file,
-                direct: true,
-                len: 0,
-            }),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let _ = std::fs::remove_file(path);
-                Ok(Self {
-                    file: std::fs::File::create_new(path)?,
-                    direct: false,
-                    len: 0,
-                })
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Writes a full block (its length is a multiple of the alignment).
-    fn write_block(&mut self, block: &Block) -> std::io::Result<()> {
-        use std::io::Write;
-        self.len += block.len() as u64;
-        self.file.write_all(block)
-    }
-
-    /// Writes the final partial block (padded to the alignment in direct mode, then
-    /// truncated back) and syncs the file.
-    fn finish(mut self, last: Option<&mut Block>) -> std::io::Result<()> {
-        use std::io::Write;
-        if let Some(block) = last
-            && !block.is_empty()
-        {
-            let len = block.len();
-            self.len += len as u64;
-            if self.direct {
-                block.resize(len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN, 0);
-                self.file.write_all(block)?;
-                self.file.set_len(self.len)?;
-            } else {
-                self.file.write_all(block)?;
-            }
-        }
-        self.file.sync_all()
-    }
 }
 
 /// An upload in progress. Dropping it without [`Upload::finish`] deletes the partial file.

@@ -7,10 +7,11 @@
 //! (being received). A cached file's modification time is its last use, for LRU eviction.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use steward_artifact::digest::{Sha256Hex, StreamingDigest};
+use steward_artifact::direct_write::{AlignedBlock, DirectWriter, aligned_block};
 use steward_artifact::gguf::stream::GgufProbe;
 use steward_artifact::gguf::{GgufError, GgufFacts, Limits, inspect_file};
 use steward_artifact::policy::{Policy, ScopedAnchor};
@@ -357,91 +358,42 @@ async fn hash_partial(path: &Path, total: u64) -> Result<StreamingDigest, Artifa
     .map_err(io(path))
 }
 
-/// Page alignment `O_DIRECT` needs for offsets, lengths and buffers.
-const DIRECT_ALIGN: usize = 4096;
-/// Bytes gathered before one direct write.
-const DIRECT_BLOCK: usize = 8 << 20;
-type Block = aligned_vec::AVec<u8, aligned_vec::ConstAlign<DIRECT_ALIGN>>;
+/// Bytes gathered before one write.
+const BLOCK: usize = 8 << 20;
 
-/// Appends received bytes to a partial artifact. Where the filesystem allows, it writes with
-/// `O_DIRECT` from page-aligned 8 MiB blocks: copying a model into the page cache cost more
-/// CPU than hashing it, and the bytes must reach the disk before the file is published
-/// anyway (the control plane's blob store does the same). Elsewhere (e.g. tmpfs) it appends
-/// plainly. A direct writer resumes at the last aligned offset below the partial's length,
-/// with the bytes after it carried in its first block, so nothing already received is
-/// fetched again.
+/// Appends received bytes to a partial artifact in 8 MiB blocks through a [`DirectWriter`]
+/// (`O_DIRECT` where the filesystem allows). A resumed pull carries the bytes after the last
+/// aligned offset in its first block, so nothing already received is fetched again.
 struct PartialWriter {
-    file: std::fs::File,
-    /// `Some` in direct mode: bytes not yet written, starting at an aligned offset.
-    block: Option<Block>,
-    /// Bytes of the artifact held (written plus buffered).
-    len: u64,
+    out: DirectWriter,
+    /// Bytes not yet written.
+    block: AlignedBlock,
 }
 
 impl PartialWriter {
     fn open(path: &Path, len: u64) -> std::io::Result<Self> {
-        use std::io::{Seek, SeekFrom};
-        use std::os::unix::fs::OpenOptionsExt;
-        let direct = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path);
-        let mut file = match direct {
-            Ok(file) => file,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                let file = std::fs::OpenOptions::new().append(true).open(path)?;
-                return Ok(Self {
-                    file,
-                    block: None,
-                    len,
-                });
-            }
-            Err(e) => return Err(e),
-        };
-        let aligned = len - len % DIRECT_ALIGN as u64;
-        let mut block = Block::with_capacity(DIRECT_ALIGN, DIRECT_BLOCK);
-        if aligned < len {
-            let mut tail = vec![0u8; (len - aligned) as usize];
-            let mut reader = std::fs::File::open(path)?;
-            reader.seek(SeekFrom::Start(aligned))?;
-            reader.read_exact(&mut tail)?;
-            block.extend_from_slice(&tail);
-        }
-        file.seek(SeekFrom::Start(aligned))?;
-        Ok(Self {
-            file,
-            block: Some(block),
-            len,
-        })
+        let (out, tail) = DirectWriter::resume(path, len)?;
+        let mut block = aligned_block(BLOCK);
+        block.extend_from_slice(&tail);
+        Ok(Self { out, block })
     }
 
     fn append(&mut self, mut data: &[u8]) -> std::io::Result<()> {
-        self.len += data.len() as u64;
-        let Some(block) = self.block.as_mut() else {
-            return self.file.write_all(data);
-        };
         while !data.is_empty() {
-            let take = (DIRECT_BLOCK - block.len()).min(data.len());
-            block.extend_from_slice(&data[..take]);
+            let take = (BLOCK - self.block.len()).min(data.len());
+            self.block.extend_from_slice(&data[..take]);
             data = &data[take..];
-            if block.len() == DIRECT_BLOCK {
-                self.file.write_all(block)?;
-                block.clear();
+            if self.block.len() == BLOCK {
+                self.out.write_block(&self.block)?;
+                self.block.clear();
             }
         }
         Ok(())
     }
 
-    /// Writes what is buffered (in direct mode padded to the alignment, then the file is
-    /// cut back to the bytes held), so the file holds every byte received.
+    /// Writes what is buffered, so the file holds every byte received.
     fn finish(mut self) -> std::io::Result<std::fs::File> {
-        if let Some(block) = self.block.as_mut().filter(|b| !b.is_empty()) {
-            let len = block.len();
-            block.resize(len.div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN, 0);
-            self.file.write_all(block)?;
-            self.file.set_len(self.len)?;
-        }
-        Ok(self.file)
+        self.out.finish(&mut self.block)
     }
 }
 
@@ -577,12 +529,12 @@ mod tests {
     fn a_partial_written_in_odd_chunks_and_resumed_off_alignment_keeps_every_byte() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("partial");
-        let source: Vec<u8> = (0..3 * DIRECT_BLOCK + 12_345)
+        let source: Vec<u8> = (0..3 * BLOCK + 12_345)
             .map(|i| (i * 7 % 251) as u8)
             .collect();
         std::fs::write(&path, b"").unwrap();
         // A first attempt stops off any alignment, mid-block.
-        let cut = DIRECT_BLOCK + 5_000;
+        let cut = BLOCK + 5_000;
         let mut writer = PartialWriter::open(&path, 0).unwrap();
         for chunk in source[..cut].chunks(999_983) {
             writer.append(chunk).unwrap();

@@ -8,6 +8,7 @@
 //! - [`policy`]: which anchors may sign which model names; the same decision on both sides.
 
 pub mod digest;
+pub mod direct_write;
 pub mod gguf;
 pub mod policy;
 pub mod signing;
