@@ -27,6 +27,16 @@ pub fn openssl_sha256(file: &Path) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// CPU time (user + system, every thread) process `pid` has used so far, seconds, at the
+/// kernel's USER_HZ resolution (10 ms).
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_comm = stat.rsplit_once(')').context("stat format")?.1;
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(ticks as f64 / 100.0)
+}
+
 /// Resident set size of process `pid`, MiB.
 pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

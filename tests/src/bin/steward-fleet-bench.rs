@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use steward_db::testing::PostgresTestDb;
 use steward_node_agent::simulate::{Simulation, SimulationConfig};
+use steward_tests::bench::cpu_seconds;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Backend {
@@ -135,12 +136,12 @@ async fn main() -> anyhow::Result<()> {
         for s in &simulations {
             s.stats.take_rtts();
         }
-        let cpu_before = cpu_ticks(pid)?;
+        let cpu_before = cpu_seconds(pid)?;
         let writes_before = db_writes(&metrics_url).await?;
         let started = Instant::now();
         tokio::time::sleep(args.window).await;
         let elapsed = started.elapsed().as_secs_f64();
-        let cpu = (cpu_ticks(pid)? - cpu_before) as f64 / 100.0;
+        let cpu = cpu_seconds(pid)? - cpu_before;
         let writes = db_writes(&metrics_url).await? - writes_before;
         let mut rtts: Vec<u32> = simulations
             .iter()
@@ -222,14 +223,6 @@ fn read_credential(child: &mut Child) -> anyhow::Result<String> {
         }
     }
     credential.context("control plane did not print a bootstrap credential")
-}
-
-/// utime + stime of a process in clock ticks (USER_HZ, 100 on Linux).
-fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after_comm = stat.rsplit_once(')').context("stat format")?.1;
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {

@@ -7,7 +7,9 @@
 //! over mTLS gRPC in chunks, hashed while received, GGUF pre-parsed, signature verified
 //! under the trust policy, renamed into the cache). Aggregate throughput counts agent-bytes
 //! verified per second. The bound is `openssl dgst -sha256` of the same page-cached file,
-//! timed in the same run; the control plane's RSS is sampled every 20 ms.
+//! timed in the same run; the control plane's RSS is sampled every 20 ms. The CPU time the
+//! control plane and the agents used during the round (10 ms resolution) shows where a
+//! pull's work goes: on this machine both share the same cores.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
@@ -22,7 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use steward_tests::bench::{openssl_sha256, rss_mib, warm};
+use steward_tests::bench::{cpu_seconds, openssl_sha256, rss_mib, warm};
 use steward_tests::openai_load;
 
 struct ControlPlane {
@@ -125,9 +127,9 @@ fn main() -> anyhow::Result<()> {
     );
 
     println!(
-        "| agents | size | wall s | aggregate agent-MB/s | per agent MB/s | aggregate ÷ 1 agent | 1 agent ÷ openssl | cp RSS before MiB | cp RSS peak MiB |"
+        "| agents | size | wall s | aggregate agent-MB/s | per agent MB/s | aggregate ÷ 1 agent | 1 agent ÷ openssl | cp RSS before MiB | cp RSS peak MiB | cp CPU s | agents CPU s |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut single = None;
     for (round, &n) in counts.iter().enumerate() {
         let mut agents = Vec::new();
@@ -151,6 +153,14 @@ fn main() -> anyhow::Result<()> {
                 peak
             })
         };
+        let cpu = |agents: &[Agent]| -> anyhow::Result<(f64, f64)> {
+            let mut on_agents = 0.0;
+            for a in agents {
+                on_agents += cpu_seconds(a.child.id())?;
+            }
+            Ok((cpu_seconds(cp.child.id())?, on_agents))
+        };
+        let (cp_cpu_before, agents_cpu_before) = cpu(&agents)?;
         let started = Instant::now();
         cp.steward(&[
             "deploy",
@@ -180,12 +190,13 @@ fn main() -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(5));
         }
         let wall = started.elapsed().as_secs_f64();
+        let (cp_cpu, agents_cpu) = cpu(&agents)?;
         stop.store(true, Ordering::Relaxed);
         let peak = sampler.join().map_err(|_| anyhow::anyhow!("sampler"))?;
         let aggregate = n as f64 * size as f64 / 1e6 / wall;
         let one = *single.get_or_insert(aggregate);
         println!(
-            "| {n} | {:.0} MB | {wall:.3} | {aggregate:.0} | {:.0} | {:.2} | {} | {rss_before:.0} | {peak:.0} |",
+            "| {n} | {:.0} MB | {wall:.3} | {aggregate:.0} | {:.0} | {:.2} | {} | {rss_before:.0} | {peak:.0} | {:.2} | {:.2} |",
             size as f64 / 1e6,
             aggregate / n as f64,
             aggregate / one,
@@ -194,6 +205,8 @@ fn main() -> anyhow::Result<()> {
             } else {
                 "-".into()
             },
+            cp_cpu - cp_cpu_before,
+            agents_cpu - agents_cpu_before,
         );
         cp.steward(&["deploy", "delete", &format!("bench-{round}")])?;
         for mut a in agents {
@@ -282,7 +295,6 @@ fn start_agent(cp: &ControlPlane, work: &Path, round: usize, i: usize) -> anyhow
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
         )
-        .stderr(Stdio::null())
         .spawn()?;
     Ok(Agent { child, dir, name })
 }
