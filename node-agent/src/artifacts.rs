@@ -319,8 +319,6 @@ fn discard(path: &Path) {
     }
 }
 
-/// Opens the partial file for appending, hashing what it already holds (a resumed pull).
-/// A partial longer than the artifact is started over.
 /// Hashes what an earlier attempt left in `path` (creating it empty if there is none, and
 /// emptying it if it is longer than the artifact), so a pull resumes after those bytes.
 async fn hash_partial(path: &Path, total: u64) -> Result<StreamingDigest, ArtifactError> {

@@ -16,46 +16,16 @@
 //! target/release/steward-pull-bench target/models/gemma3-270m-q4_k_m.gguf [1,5,10]
 //! ```
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
-use steward_tests::bench::{cpu_seconds, openssl_sha256, rss_mib, warm};
+use anyhow::{Context, ensure};
+use steward_tests::bench::{
+    BenchControlPlane, PeakRss, cpu_seconds, log_filter, openssl_sha256, path_str as path, rss_mib,
+    warm,
+};
 use steward_tests::openai_load;
-
-struct ControlPlane {
-    child: Child,
-    data: PathBuf,
-    port: u16,
-    credential: String,
-    bin: PathBuf,
-}
-
-impl ControlPlane {
-    fn steward(&self, args: &[&str]) -> anyhow::Result<String> {
-        let out = Command::new(self.bin.join("steward"))
-            .args(args)
-            .env(
-                "STEWARD_ENDPOINT",
-                format!("https://127.0.0.1:{}", self.port),
-            )
-            .env("STEWARD_TOKEN", &self.credential)
-            .env("STEWARD_CA_FILE", self.data.join("ca.pem"))
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "steward {} failed: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8(out.stdout)?)
-    }
-}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -71,20 +41,10 @@ fn main() -> anyhow::Result<()> {
         .collect::<Result<_, _>>()
         .context("counts must be numbers, e.g. 1,5,10")?;
     ensure!(file.is_file(), "{} not found", file.display());
-    let bin = std::env::current_exe()?
-        .parent()
-        .context("binary dir")?
-        .to_owned();
     let work = tempfile::tempdir()?;
-    let mut cp = start_control_plane(&bin, work.path())?;
+    let cp = BenchControlPlane::start(work.path())?;
     let size = std::fs::metadata(&file)?.len();
-
-    let key = rcgen::KeyPair::generate()?;
-    let key_path = work.path().join("key.pem");
-    let pub_path = work.path().join("key.pub");
-    std::fs::write(&key_path, key.serialize_pem())?;
-    std::fs::write(&pub_path, key.public_key_pem())?;
-    cp.steward(&["trust", "add-key", path(&pub_path)?, "--models", "bench-*"])?;
+    let key_path = cp.trust_fresh_key(work.path())?;
     let sig = work.path().join("model.sig");
     cp.steward(&[
         "model",
@@ -141,18 +101,7 @@ fn main() -> anyhow::Result<()> {
             cp.steward(&["nodes", "label", &a.name, &format!("round={round}")])?;
         }
         let rss_before = rss_mib(cp.child.id())?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let sampler = {
-            let (stop, pid) = (stop.clone(), cp.child.id());
-            std::thread::spawn(move || {
-                let mut peak = 0f64;
-                while !stop.load(Ordering::Relaxed) {
-                    peak = peak.max(rss_mib(pid).unwrap_or(0.0));
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                peak
-            })
-        };
+        let peak_rss = PeakRss::start(cp.child.id());
         let cpu = |agents: &[Agent]| -> anyhow::Result<(f64, f64)> {
             let mut on_agents = 0.0;
             for a in agents {
@@ -191,8 +140,7 @@ fn main() -> anyhow::Result<()> {
         }
         let wall = started.elapsed().as_secs_f64();
         let (cp_cpu, agents_cpu) = cpu(&agents)?;
-        stop.store(true, Ordering::Relaxed);
-        let peak = sampler.join().map_err(|_| anyhow::anyhow!("sampler"))?;
+        let peak = peak_rss.stop()?;
         let aggregate = n as f64 * size as f64 / 1e6 / wall;
         let one = *single.get_or_insert(aggregate);
         println!(
@@ -214,8 +162,7 @@ fn main() -> anyhow::Result<()> {
             let _ = a.child.wait();
         }
     }
-    let _ = cp.child.kill();
-    let _ = cp.child.wait();
+    cp.stop();
     Ok(())
 }
 
@@ -225,43 +172,12 @@ struct Agent {
     name: String,
 }
 
-fn start_control_plane(bin: &Path, work: &Path) -> anyhow::Result<ControlPlane> {
-    let data = work.join("cp");
-    let port = openai_load::free_port()?;
-    let mut child = Command::new(bin.join("steward-control-plane"))
-        .args(["--data-dir", path(&data)?])
-        .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
-        .args(["--http-listen", "127.0.0.1:0"])
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut credential = String::new();
-    for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
-        let line = line?;
-        if let Some(c) = line.strip_prefix("bootstrap admin credential (shown once): ") {
-            credential = c.to_owned();
-        }
-        if line.starts_with("control plane ready") {
-            break;
-        }
-    }
-    ensure!(
-        !credential.is_empty(),
-        "the control plane printed no credential"
-    );
-    Ok(ControlPlane {
-        child,
-        data,
-        port,
-        credential,
-        bin: bin.to_owned(),
-    })
-}
-
-fn start_agent(cp: &ControlPlane, work: &Path, round: usize, i: usize) -> anyhow::Result<Agent> {
+fn start_agent(
+    cp: &BenchControlPlane,
+    work: &Path,
+    round: usize,
+    i: usize,
+) -> anyhow::Result<Agent> {
     let token_json = cp.steward(&["-o", "json", "token", "create", "--ttl", "10m"])?;
     let token = serde_json::from_str::<serde_json::Value>(&token_json)?["token"]
         .as_str()
@@ -270,7 +186,7 @@ fn start_agent(cp: &ControlPlane, work: &Path, round: usize, i: usize) -> anyhow
     let name = format!("bench-{round}-{i}");
     let dir = work.join(&name);
     let child = Command::new(cp.bin.join("steward-node-agent"))
-        .args(["--control-plane", &format!("https://127.0.0.1:{}", cp.port)])
+        .args(["--control-plane", &cp.endpoint()])
         .args([
             "--data-dir",
             path(&dir)?,
@@ -291,16 +207,13 @@ fn start_agent(cp: &ControlPlane, work: &Path, round: usize, i: usize) -> anyhow
             "--threads",
             "1",
         ])
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
+        .env("RUST_LOG", log_filter())
         .spawn()?;
     Ok(Agent { child, dir, name })
 }
 
 /// Waits until `want` nodes are connected and ready.
-fn wait_ready(cp: &ControlPlane, want: usize) -> anyhow::Result<()> {
+fn wait_ready(cp: &BenchControlPlane, want: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let nodes: serde_json::Value =
@@ -319,8 +232,4 @@ fn wait_ready(cp: &ControlPlane, want: usize) -> anyhow::Result<()> {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-}
-
-fn path(p: &Path) -> anyhow::Result<&str> {
-    p.to_str().context("non-UTF-8 path")
 }

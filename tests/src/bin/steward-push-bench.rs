@@ -11,14 +11,11 @@
 //! target/release/steward-push-bench target/models/gemma3-270m-q4_k_m.gguf /tmp/big.gguf
 //! ```
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
-use steward_tests::bench::{openssl_sha256, rss_mib, warm};
-use steward_tests::openai_load;
+use steward_tests::bench::{BenchControlPlane, PeakRss, openssl_sha256, path_str, rss_mib, warm};
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -32,62 +29,10 @@ fn main() -> anyhow::Result<()> {
     if files.is_empty() {
         bail!("usage: steward-push-bench FILE.gguf...");
     }
-    let dir = std::env::current_exe()?
-        .parent()
-        .context("binary dir")?
-        .to_owned();
     let work = tempfile::tempdir()?;
-    let data = work.path().join("cp");
-    let port = openai_load::free_port()?;
-    let mut cp = Command::new(dir.join("steward-control-plane"))
-        .args(["--data-dir", data.to_str().context("path")?])
-        .args(["--grpc-listen", &format!("127.0.0.1:{port}")])
-        .args(["--http-listen", "127.0.0.1:0"])
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let pid = cp.id();
-    let mut credential = String::new();
-    for line in BufReader::new(cp.stdout.take().context("stdout")?).lines() {
-        let line = line?;
-        if let Some(c) = line.strip_prefix("bootstrap admin credential (shown once): ") {
-            credential = c.to_owned();
-        }
-        if line.starts_with("control plane ready") {
-            break;
-        }
-    }
-    let steward = |args: &[&str]| -> anyhow::Result<std::process::Output> {
-        Ok(Command::new(dir.join("steward"))
-            .args(args)
-            .env("STEWARD_ENDPOINT", format!("https://127.0.0.1:{port}"))
-            .env("STEWARD_TOKEN", &credential)
-            .env("STEWARD_CA_FILE", data.join("ca.pem"))
-            .output()?)
-    };
-
-    // A fresh signing key trusted for the bench's model names.
-    let key = rcgen::KeyPair::generate()?;
-    let key_path = work.path().join("key.pem");
-    let pub_path = work.path().join("key.pub");
-    std::fs::write(&key_path, key.serialize_pem())?;
-    std::fs::write(&pub_path, key.public_key_pem())?;
-    let out = steward(&[
-        "trust",
-        "add-key",
-        pub_path.to_str().context("path")?,
-        "--models",
-        "bench-*",
-    ])?;
-    if !out.status.success() {
-        bail!(
-            "trust add-key failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let cp = BenchControlPlane::start(work.path())?;
+    let pid = cp.child.id();
+    let key_path = cp.trust_fresh_key(work.path())?;
 
     println!(
         "| file | size | openssl sha256 s | openssl MB/s | push s | push MB/s | push / openssl | cp RSS before MiB | cp RSS peak MiB |"
@@ -96,18 +41,15 @@ fn main() -> anyhow::Result<()> {
     for (i, file) in files.iter().enumerate() {
         let size = std::fs::metadata(file)?.len();
         let sig = work.path().join(format!("{i}.sig"));
-        let out = steward(&[
+        cp.steward(&[
             "model",
             "sign",
-            file.to_str().context("path")?,
+            path_str(file)?,
             "--key",
-            key_path.to_str().context("path")?,
+            path_str(&key_path)?,
             "--output",
-            sig.to_str().context("path")?,
+            path_str(&sig)?,
         ])?;
-        if !out.status.success() {
-            bail!("sign failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
         warm(file)?;
         let bound = (0..2)
             .map(|_| openssl_sha256(file))
@@ -116,36 +58,22 @@ fn main() -> anyhow::Result<()> {
             .min()
             .context("timing")?;
         let rss_before = rss_mib(pid)?;
-        let sampler_stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sampler = {
-            let stop = sampler_stop.clone();
-            std::thread::spawn(move || {
-                let mut peak = 0f64;
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    peak = peak.max(rss_mib(pid).unwrap_or(0.0));
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                peak
-            })
-        };
+        let peak_rss = PeakRss::start(pid);
         let started = Instant::now();
-        let out = steward(&[
+        let pushed = cp.steward(&[
             "model",
             "push",
-            file.to_str().context("path")?,
+            path_str(file)?,
             "--name",
             &format!("bench-{i}"),
             "--version",
             "1",
             "--signature",
-            sig.to_str().context("path")?,
-        ])?;
+            path_str(&sig)?,
+        ]);
         let push = started.elapsed();
-        sampler_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let peak = sampler.join().map_err(|_| anyhow::anyhow!("sampler"))?;
-        if !out.status.success() {
-            bail!("push failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        let peak = peak_rss.stop()?;
+        pushed?;
         let mb = size as f64 / 1e6;
         println!(
             "| {} | {:.0} MB | {:.3} | {:.0} | {:.3} | {:.0} | {:.2} | {:.0} | {:.0} |",
@@ -160,8 +88,7 @@ fn main() -> anyhow::Result<()> {
             peak
         );
     }
-    let _ = cp.kill();
-    let _ = cp.wait();
+    cp.stop();
     Ok(())
 }
 
