@@ -41,20 +41,7 @@ impl BenchControlPlane {
             .env("RUST_LOG", log_filter())
             .stdout(Stdio::piped())
             .spawn()?;
-        let mut credential = String::new();
-        for line in BufReader::new(child.stdout.take().context("stdout")?).lines() {
-            let line = line?;
-            if let Some(c) = line.strip_prefix("bootstrap admin credential (shown once): ") {
-                credential = c.to_owned();
-            }
-            if line.starts_with("control plane ready") {
-                break;
-            }
-        }
-        ensure!(
-            !credential.is_empty(),
-            "the control plane printed no credential"
-        );
+        let credential = read_bootstrap_credential(&mut child)?;
         Ok(Self {
             child,
             data,
@@ -109,6 +96,23 @@ impl BenchControlPlane {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Reads a starting control plane's stdout (piped) until it says it is ready; returns the
+/// bootstrap admin credential it printed on the way.
+pub fn read_bootstrap_credential(child: &mut Child) -> anyhow::Result<String> {
+    let stdout = BufReader::new(child.stdout.take().context("stdout is not piped")?);
+    let mut credential = None;
+    for line in stdout.lines() {
+        let line = line?;
+        if let Some(c) = line.strip_prefix("bootstrap admin credential (shown once): ") {
+            credential = Some(c.to_owned());
+        }
+        if line.starts_with("control plane ready") {
+            break;
+        }
+    }
+    credential.context("the control plane printed no bootstrap credential")
 }
 
 /// `RUST_LOG` for the processes a bench starts: the caller's, or `warn`.

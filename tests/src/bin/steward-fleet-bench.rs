@@ -9,7 +9,6 @@
 //! target/release/steward-fleet-bench --backend postgres --stages 1000,2000,5000,10000
 //! ```
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,7 +17,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, ValueEnum};
 use steward_db::testing::PostgresTestDb;
 use steward_node_agent::simulate::{Simulation, SimulationConfig};
-use steward_tests::bench::cpu_seconds;
+use steward_tests::bench::{cpu_seconds, read_bootstrap_credential, rss_mib};
+use steward_tests::openai_load::free_port;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Backend {
@@ -88,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
         cmd.spawn()
             .with_context(|| format!("starting {}", binary.display()))?,
     );
-    let credential = read_credential(&mut child.0)?;
+    let credential = read_bootstrap_credential(&mut child.0)?;
     let pid = child.0.id();
     let endpoint = format!("https://127.0.0.1:{grpc_port}");
     let metrics_url = format!("http://127.0.0.1:{http_port}/metrics");
@@ -156,7 +156,7 @@ async fn main() -> anyhow::Result<()> {
             p99_ms: percentile(&rtts, 0.99),
             samples: rtts.len(),
             cpu_percent: cpu / elapsed * 100.0,
-            rss_mib: rss_kib(pid)? as f64 / 1024.0,
+            rss_mib: rss_mib(pid)?,
             writes_per_sec: writes as f64 / elapsed,
         };
         print_row(&row, rows.is_empty());
@@ -210,34 +210,6 @@ impl Drop for ChildGuard {
     }
 }
 
-fn read_credential(child: &mut Child) -> anyhow::Result<String> {
-    let stdout = BufReader::new(child.stdout.take().context("stdout")?);
-    let mut credential = None;
-    for line in stdout.lines() {
-        let line = line?;
-        if let Some(c) = line.strip_prefix("bootstrap admin credential (shown once): ") {
-            credential = Some(c.to_owned());
-        }
-        if line.starts_with("control plane ready") {
-            break;
-        }
-    }
-    credential.context("control plane did not print a bootstrap credential")
-}
-
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("VmRSS")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("VmRSS value")?
-        .parse()?)
-}
-
 async fn db_writes(url: &str) -> anyhow::Result<u64> {
     let text = reqwest::get(url).await?.text().await?;
     let line = text
@@ -245,12 +217,6 @@ async fn db_writes(url: &str) -> anyhow::Result<u64> {
         .find(|l| l.starts_with("steward_db_writes_total "))
         .context("steward_db_writes_total missing from /metrics")?;
     Ok(line.rsplit(' ').next().context("value")?.parse()?)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 fn raise_fd_limit() {
