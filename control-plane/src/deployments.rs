@@ -12,6 +12,7 @@ use steward_artifact::digest::Sha256Hex;
 use steward_artifact::gguf::GgufFacts;
 use steward_db::{
     ArtifactRecord, DeploymentRecord, ModelRecord, ModelRef, NodeRecord, NodeState, RolloutPhase,
+    ServingSettings,
 };
 use steward_proto::agent::v1::{Inventory, ModelStatus, ProbeResult};
 use tokio::sync::Mutex;
@@ -227,44 +228,60 @@ impl Deployments {
         let placing = self.placing.lock().await;
         let mut record = self.get(name).await?;
         let previous_digest = record.digest.clone();
-        let mut rollout_started = false;
+        let mut to_model = rollout::current_model(&record);
         if let Some(reference) = &spec.model {
             let model = match self.deployable(reference).await {
                 Ok(model) => model,
                 Err(e) => return Err(self.refused(actor, "deployment.update", name, e).await),
             };
-            if model.artifact.digest != record.digest {
-                if let Some(r) = record
-                    .rollout
-                    .as_ref()
-                    .filter(|r| r.phase == RolloutPhase::Progressing)
-                {
-                    let error = DeployError::FailedPrecondition(format!(
-                        "deployment `{name}` is rolling out {} → {}; wait until it completes \
-                         or roll it back (`steward deploy rollback {name}`)",
-                        r.from, r.to
-                    ));
-                    return Err(self.refused(actor, "deployment.update", name, error).await);
-                }
-                let to = ModelRef {
-                    name: model.name,
-                    version: model.version,
-                    digest: model.artifact.digest,
-                };
-                rollout::start(&mut record, to, &actor.to_string(), now_unix());
-                rollout_started = true;
-            } else {
-                record.model_name = model.name;
-                record.model_version = model.version;
+            to_model = ModelRef {
+                name: model.name,
+                version: model.version,
+                digest: model.artifact.digest,
+            };
+        }
+        let current_settings = record.settings();
+        let to_settings = ServingSettings {
+            slots: spec.slots.unwrap_or(current_settings.slots),
+            context_per_slot: spec
+                .context_per_slot
+                .unwrap_or(current_settings.context_per_slot),
+            gpu_layers: spec.gpu_layers.unwrap_or(current_settings.gpu_layers),
+        };
+        // A new model or new settings restart every replica: that rolls node by node.
+        let rollout_started = to_model.digest != record.digest || to_settings != current_settings;
+        if rollout_started {
+            if let Some(r) = record
+                .rollout
+                .as_ref()
+                .filter(|r| r.phase == RolloutPhase::Progressing)
+            {
+                let error = DeployError::FailedPrecondition(format!(
+                    "deployment `{name}` is rolling out {}; wait until it completes \
+                     or roll it back (`steward deploy rollback {name}`)",
+                    rollout_change(&record, r)
+                ));
+                return Err(self.refused(actor, "deployment.update", name, error).await);
             }
+            let mut next = record.clone();
+            rollout::start(
+                &mut next,
+                to_model,
+                to_settings,
+                &actor.to_string(),
+                now_unix(),
+            );
+            // Checked before the rollout is kept, so bad settings leave it as it was.
+            check_record(&next)?;
+            record = next;
+        } else {
+            record.model_name = to_model.name;
+            record.model_version = to_model.version;
         }
         if let Some(selector) = spec.selector {
             record.selector = selector;
         }
         record.replicas = spec.replicas.unwrap_or(record.replicas);
-        record.slots = spec.slots.unwrap_or(record.slots);
-        record.context_per_slot = spec.context_per_slot.unwrap_or(record.context_per_slot);
-        record.gpu_layers = spec.gpu_layers.unwrap_or(record.gpu_layers);
         record.max_unavailable = spec.max_unavailable.unwrap_or(record.max_unavailable);
         record.updated_at = now_unix();
         check_record(&record)?;
@@ -311,6 +328,7 @@ impl Deployments {
             }
             RolloutPhase::Progressing => {
                 let reason = format!("rolled back by {actor}");
+                let (from_settings, to_settings) = rollout::settings_of(&record, &last);
                 rollout::roll_back(&mut record, &reason, now);
                 events.push(audit(
                     actor,
@@ -323,6 +341,8 @@ impl Deployments {
                         "from_digest": last.to.digest,
                         "to": last.from.to_string(),
                         "to_digest": last.from.digest,
+                        "from_settings": to_settings.to_string(),
+                        "to_settings": from_settings.to_string(),
                     }),
                 ));
             }
@@ -330,7 +350,14 @@ impl Deployments {
                 if let Err(e) = self.deployable(&last.from.digest).await {
                     return Err(self.refused(actor, "deployment.rollback", name, e).await);
                 }
-                rollout::start(&mut record, last.from.clone(), &actor.to_string(), now);
+                let (from_settings, to_settings) = rollout::settings_of(&record, &last);
+                rollout::start(
+                    &mut record,
+                    last.from.clone(),
+                    from_settings,
+                    &actor.to_string(),
+                    now,
+                );
                 events.push(audit(
                     actor,
                     "deployment.rollback",
@@ -341,6 +368,8 @@ impl Deployments {
                         "from": last.to.to_string(),
                         "to": last.from.to_string(),
                         "to_digest": last.from.digest,
+                        "from_settings": to_settings.to_string(),
+                        "to_settings": from_settings.to_string(),
                         "as": "rollout",
                     }),
                 ));
@@ -547,7 +576,7 @@ impl Deployments {
         &self,
         d: &mut DeploymentRecord,
         nodes: &[NodeRecord],
-    ) -> Result<BTreeMap<String, String>, DeployError> {
+    ) -> Result<BTreeMap<String, rollout::Revision>, DeployError> {
         if !d
             .rollout
             .as_ref()
@@ -561,7 +590,14 @@ impl Deployments {
                 replicas.push(ReplicaView {
                     node_id: node.id.clone(),
                     node_name: node.name.clone(),
-                    digest: assigned.digest.clone(),
+                    assigned: rollout::Revision {
+                        digest: assigned.digest.clone(),
+                        settings: ServingSettings {
+                            slots: assigned.slots,
+                            context_per_slot: assigned.context_per_slot,
+                            gpu_layers: assigned.gpu_layers,
+                        },
+                    },
                     status: self
                         .fleet
                         .sessions
@@ -618,7 +654,7 @@ impl Deployments {
         &self,
         d: &DeploymentRecord,
         policy: &TrustPolicy,
-        pinned: BTreeMap<String, String>,
+        pinned: BTreeMap<String, rollout::Revision>,
     ) -> Result<Demand, String> {
         let selector = Selector::parse(&d.selector)?;
         let artifact = self
@@ -680,8 +716,20 @@ fn rollout_start_event(
             "from_digest": r.from.digest,
             "to": r.to.to_string(),
             "to_digest": r.to.digest,
+            "from_settings": r.from_settings.map(|s| s.to_string()),
+            "to_settings": r.to_settings.map(|s| s.to_string()),
         }),
     )
+}
+
+/// What a rollout changes, for messages: `m@1 → m@2`, or the settings when only they change.
+fn rollout_change(record: &DeploymentRecord, r: &steward_db::Rollout) -> String {
+    let (from, to) = rollout::settings_of(record, r);
+    match (r.from.digest == r.to.digest, from == to) {
+        (true, false) => format!("{} from {from} to {to}", r.to),
+        (false, true) => format!("{} → {}", r.from, r.to),
+        _ => format!("{} ({from}) → {} ({to})", r.from, r.to),
+    }
 }
 
 /// Whether `model` verifies under `policy` now (anchors may have been removed since push).

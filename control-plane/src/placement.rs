@@ -21,6 +21,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use steward_db::AssignedModel;
 
+use crate::rollout::Revision;
+
 /// Share of a node's memory kept free for the OS and the agent.
 const MEMORY_RESERVE_PERCENT: u64 = 10;
 
@@ -66,8 +68,9 @@ pub struct NodeView {
 pub struct Demand {
     pub deployment: String,
     pub digest: String,
-    /// Node id → the digest a replica already on that node keeps (during a rollout).
-    pub pinned: BTreeMap<String, String>,
+    /// Node id → the model and settings a replica already on that node keeps (during a
+    /// rollout); the others take `digest` and the settings below.
+    pub pinned: BTreeMap<String, Revision>,
     pub selector: Selector,
     pub replicas: u32,
     pub slots: u32,
@@ -154,16 +157,21 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
     }
 
     for demand in demands {
-        let assignment_on = |node: &NodeView| AssignedModel {
-            deployment: demand.deployment.clone(),
-            digest: demand
-                .pinned
-                .get(&node.id)
-                .unwrap_or(&demand.digest)
-                .clone(),
-            slots: demand.slots,
-            context_per_slot: demand.context_per_slot,
-            gpu_layers: demand.gpu_layers,
+        let assignment_on = |node: &NodeView| match demand.pinned.get(&node.id) {
+            Some(kept) => AssignedModel {
+                deployment: demand.deployment.clone(),
+                digest: kept.digest.clone(),
+                slots: kept.settings.slots,
+                context_per_slot: kept.settings.context_per_slot,
+                gpu_layers: kept.settings.gpu_layers,
+            },
+            None => AssignedModel {
+                deployment: demand.deployment.clone(),
+                digest: demand.digest.clone(),
+                slots: demand.slots,
+                context_per_slot: demand.context_per_slot,
+                gpu_layers: demand.gpu_layers,
+            },
         };
         let mut chosen: BTreeSet<&str> = BTreeSet::new();
         // Keep replicas where they run.
@@ -284,6 +292,8 @@ fn gib(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use steward_db::ServingSettings;
+
     use super::*;
 
     const GIB: u64 = 1 << 30;
@@ -436,10 +446,29 @@ mod tests {
             n
         };
         let mut d = demand("m", "*", 3, 1);
-        d.pinned.insert("id-a".into(), "old".into());
+        let kept = ServingSettings {
+            slots: 4,
+            context_per_slot: 4096,
+            gpu_layers: -1,
+        };
+        d.pinned.insert(
+            "id-a".into(),
+            Revision {
+                digest: "old".into(),
+                settings: kept,
+            },
+        );
         let p = place(&[old("a"), old("b"), node("c", 16)], &[d], Strategy::Spread);
         assert_eq!(p.placed["m"], ["a", "b", "c"], "kept where they run");
         assert_eq!(p.nodes["id-a"][0].digest, "old");
+        assert_eq!(
+            (
+                p.nodes["id-a"][0].slots,
+                p.nodes["id-a"][0].context_per_slot
+            ),
+            (4, 4096),
+            "with the settings it runs with"
+        );
         assert_eq!(p.nodes["id-b"][0].digest, "digest-m");
         assert_eq!(p.nodes["id-c"][0].digest, "digest-m");
     }

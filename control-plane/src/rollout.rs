@@ -1,14 +1,20 @@
-//! Rollouts: moving a deployment's replicas from one model to another, node by node.
+//! Rollouts: moving a deployment's replicas from one model, or one set of serving settings
+//! (slots, context, GPU layers), to another, node by node. Either change restarts a replica,
+//! so both are gated the same way.
 //!
 //! [`advance`] is a pure function of the deployment (its stored rollout), where its replicas
 //! run and what their agents report, so it is tested without a database and a restarted
 //! control plane carries on from what was stored. Each call:
 //! - checks the nodes already switched: a model that failed, a probe that failed, or a step
-//!   not proven within the step timeout rolls the whole deployment back to `from` at once;
+//!   not proven within the step timeout rolls the whole deployment back to `from` (model and
+//!   settings) at once;
 //!   a model that is ready gets a probe request, and a passed probe verifies the step;
 //! - switches further nodes (in node-name order) while fewer than `max_unavailable` steps
 //!   are unverified;
 //! - completes the rollout when every replica runs `to` and every step is verified.
+//!
+//! A replica's state counts for the target only when the agent reports it for the target's
+//! digest and settings: the same digest under the old settings is still the old replica.
 //!
 //! Replicas placed on new nodes during a rollout start on `to` directly: there is nothing
 //! running there to keep available.
@@ -16,16 +22,39 @@
 use std::collections::BTreeMap;
 
 use serde_json::json;
-use steward_db::{DeploymentRecord, ModelRef, Rollout, RolloutPhase, RolloutStep, UnixSeconds};
+use steward_db::{
+    DeploymentRecord, ModelRef, Rollout, RolloutPhase, RolloutStep, ServingSettings, UnixSeconds,
+};
 use steward_proto::agent::v1::{ModelState, ModelStatus};
+
+/// What a replica runs: a model and the settings it runs with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revision {
+    pub digest: String,
+    pub settings: ServingSettings,
+}
+
+impl Revision {
+    /// Whether the agent's report is about this revision. Agents that do not report the
+    /// settings they were assigned (0 slots) are matched by digest alone.
+    pub fn reported_by(&self, status: &ModelStatus) -> bool {
+        status.digest == self.digest
+            && (status.assigned_slots == 0
+                || ServingSettings {
+                    slots: status.assigned_slots,
+                    context_per_slot: status.assigned_context_per_slot,
+                    gpu_layers: status.assigned_gpu_layers,
+                } == self.settings)
+    }
+}
 
 /// A replica of the deployment, as placed now.
 #[derive(Clone, Debug)]
 pub struct ReplicaView {
     pub node_id: String,
     pub node_name: String,
-    /// The digest the node is assigned for this deployment.
-    pub digest: String,
+    /// What the node is assigned for this deployment.
+    pub assigned: Revision,
     /// What the agent last reported for the deployment's model; `None` when it has not.
     pub status: Option<ModelStatus>,
 }
@@ -55,20 +84,30 @@ pub struct Advance {
     pub events: Vec<StepEvent>,
     /// Nodes whose new model is ready and must be probed.
     pub probe: Vec<String>,
-    /// Node id → digest for the replicas already placed (see `placement::Demand::pinned`).
-    pub pinned: BTreeMap<String, String>,
+    /// Node id → what the replicas already placed keep (see `placement::Demand::pinned`).
+    pub pinned: BTreeMap<String, Revision>,
 }
 
-/// Starts a rollout of `record` to `to` (the record's model becomes `to`).
-pub fn start(record: &mut DeploymentRecord, to: ModelRef, actor: &str, now: UnixSeconds) {
+/// Starts a rollout of `record` to model `to` with `to_settings` (the record takes both).
+pub fn start(
+    record: &mut DeploymentRecord,
+    to: ModelRef,
+    to_settings: ServingSettings,
+    actor: &str,
+    now: UnixSeconds,
+) {
     let from = current_model(record);
+    let from_settings = record.settings();
     record.model_name = to.name.clone();
     record.model_version = to.version.clone();
     record.digest = to.digest.clone();
+    record.set_settings(to_settings);
     record.rollout = Some(Rollout {
         phase: RolloutPhase::Progressing,
         from,
         to,
+        from_settings: Some(from_settings),
+        to_settings: Some(to_settings),
         started_at: now,
         finished_at: None,
         started_by: actor.to_owned(),
@@ -86,9 +125,25 @@ pub fn roll_back(record: &mut DeploymentRecord, reason: &str, now: UnixSeconds) 
     rollout.finished_at = Some(now);
     rollout.message = reason.to_owned();
     let from = rollout.from.clone();
+    let from_settings = rollout.from_settings;
     record.model_name = from.name;
     record.model_version = from.version;
     record.digest = from.digest;
+    if let Some(settings) = from_settings {
+        record.set_settings(settings);
+    }
+}
+
+/// The settings a rollout moves from and to (see [`Rollout::from_settings`]).
+pub fn settings_of(
+    record: &DeploymentRecord,
+    rollout: &Rollout,
+) -> (ServingSettings, ServingSettings) {
+    let current = record.settings();
+    (
+        rollout.from_settings.unwrap_or(current),
+        rollout.to_settings.unwrap_or(current),
+    )
 }
 
 pub fn current_model(record: &DeploymentRecord) -> ModelRef {
@@ -109,13 +164,18 @@ pub fn advance(
 ) -> Advance {
     let mut out = Advance::default();
     let max_unavailable = record.max_unavailable.max(1) as usize;
+    let current_settings = record.settings();
     let Some(rollout) = record.rollout.as_mut() else {
         return out;
     };
     if rollout.phase != RolloutPhase::Progressing {
         return out;
     }
-    let to = rollout.to.digest.clone();
+    let target = Revision {
+        digest: rollout.to.digest.clone(),
+        settings: rollout.to_settings.unwrap_or(current_settings),
+    };
+    let to = target.digest.clone();
     let replica = |node: &str| replicas.iter().find(|r| r.node_id == node);
 
     // A switched node that no longer runs a replica (it drained, or stopped matching) is
@@ -131,7 +191,7 @@ pub fn advance(
         }
         let status = replica(node)
             .and_then(|r| r.status.as_ref())
-            .filter(|s| s.digest == to);
+            .filter(|s| target.reported_by(s));
         let state = status.map_or(ModelState::Unspecified, |s| s.state());
         if state == ModelState::Failed {
             let detail = status.map(|s| s.detail.as_str()).unwrap_or_default();
@@ -149,7 +209,12 @@ pub fn advance(
                     out.events.push(StepEvent {
                         action: "deployment.rollout.verified",
                         outcome: "success",
-                        details: json!({"node": step.node_name, "digest": to, "probe": answer}),
+                        details: json!({
+                            "node": step.node_name,
+                            "digest": to,
+                            "settings": target.settings.to_string(),
+                            "probe": answer,
+                        }),
                     });
                     continue;
                 }
@@ -175,6 +240,7 @@ pub fn advance(
     if let Some(reason) = failure {
         let from = rollout.from.clone();
         let to_model = rollout.to.clone();
+        let from_settings = rollout.from_settings.unwrap_or(target.settings);
         roll_back(record, &reason, now);
         out.changed = true;
         out.probe.clear();
@@ -188,6 +254,8 @@ pub fn advance(
                 "from_digest": to_model.digest,
                 "to": from.to_string(),
                 "to_digest": from.digest,
+                "from_settings": target.settings.to_string(),
+                "to_settings": from_settings.to_string(),
             }),
         });
         return out;
@@ -200,7 +268,7 @@ pub fn advance(
         .count();
     let mut waiting: Vec<&ReplicaView> = replicas
         .iter()
-        .filter(|r| r.digest != to && !rollout.steps.contains_key(&r.node_id))
+        .filter(|r| r.assigned != target && !rollout.steps.contains_key(&r.node_id))
         .collect();
     waiting.sort_by(|a, b| a.node_name.cmp(&b.node_name));
     let starting = max_unavailable
@@ -221,8 +289,10 @@ pub fn advance(
             outcome: "success",
             details: json!({
                 "node": r.node_name,
-                "from_digest": r.digest,
+                "from_digest": r.assigned.digest,
                 "to_digest": to,
+                "from_settings": r.assigned.settings.to_string(),
+                "to_settings": target.settings.to_string(),
             }),
         });
     }
@@ -237,17 +307,18 @@ pub fn advance(
                 "from": rollout.from.to_string(),
                 "to": rollout.to.to_string(),
                 "digest": to,
+                "settings": target.settings.to_string(),
                 "nodes": rollout.steps.values().map(|s| s.node_name.clone()).collect::<Vec<_>>(),
             }),
         });
     }
     for r in replicas {
-        let digest = if rollout.steps.contains_key(&r.node_id) {
-            to.clone()
+        let keeps = if rollout.steps.contains_key(&r.node_id) {
+            target.clone()
         } else {
-            r.digest.clone()
+            r.assigned.clone()
         };
-        out.pinned.insert(r.node_id.clone(), digest);
+        out.pinned.insert(r.node_id.clone(), keeps);
     }
     out
 }
@@ -257,6 +328,12 @@ mod tests {
     use super::*;
 
     const TIMEOUT: i64 = 600;
+    /// The settings of [`record`].
+    const SETTINGS: ServingSettings = ServingSettings {
+        slots: 1,
+        context_per_slot: 512,
+        gpu_layers: -1,
+    };
 
     fn record(max_unavailable: u32) -> DeploymentRecord {
         DeploymentRecord {
@@ -286,14 +363,30 @@ mod tests {
     }
 
     fn replica(node: &str, digest: &str, state: Option<ModelState>) -> ReplicaView {
+        replica_with(node, digest, SETTINGS, state)
+    }
+
+    /// A replica assigned `settings`, whose agent reports them with its state.
+    fn replica_with(
+        node: &str,
+        digest: &str,
+        settings: ServingSettings,
+        state: Option<ModelState>,
+    ) -> ReplicaView {
         ReplicaView {
             node_id: format!("id-{node}"),
             node_name: node.into(),
-            digest: digest.into(),
+            assigned: Revision {
+                digest: digest.into(),
+                settings,
+            },
             status: state.map(|s| ModelStatus {
                 name: "chat".into(),
                 digest: digest.into(),
                 state: s as i32,
+                assigned_slots: settings.slots,
+                assigned_context_per_slot: settings.context_per_slot,
+                assigned_gpu_layers: settings.gpu_layers,
                 detail: if s == ModelState::Failed {
                     "llama.cpp could not load it".into()
                 } else {
@@ -311,7 +404,7 @@ mod tests {
     #[test]
     fn a_rollout_switches_one_node_at_a_time_and_completes_after_every_probe() {
         let mut d = record(1);
-        start(&mut d, new_model(), "admin", 0);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
         assert_eq!(d.digest, "new");
         let ready = Some(ModelState::Ready);
         let mut nodes = vec![
@@ -321,9 +414,9 @@ mod tests {
         ];
         let a = advance(&mut d, &nodes, |_| Probe::NotSent, 1, TIMEOUT);
         assert_eq!(actions(&a), ["deployment.rollout.step"]);
-        assert_eq!(a.pinned["id-a"], "new");
-        assert_eq!(a.pinned["id-b"], "old");
-        assert_eq!(a.pinned["id-c"], "old");
+        assert_eq!(a.pinned["id-a"].digest, "new");
+        assert_eq!(a.pinned["id-b"].digest, "old");
+        assert_eq!(a.pinned["id-c"].digest, "old");
 
         // Node a pulls and loads: nothing more starts, and no probe before it is ready.
         nodes[0] = replica("a", "new", Some(ModelState::Loading));
@@ -342,8 +435,8 @@ mod tests {
             actions(&a),
             ["deployment.rollout.verified", "deployment.rollout.step"]
         );
-        assert_eq!(a.pinned["id-b"], "new");
-        assert_eq!(a.pinned["id-c"], "old");
+        assert_eq!(a.pinned["id-b"].digest, "new");
+        assert_eq!(a.pinned["id-c"].digest, "old");
 
         nodes[1] = replica("b", "new", ready);
         advance(&mut d, &nodes, |_| Probe::Passed("ok".into()), 6, TIMEOUT);
@@ -362,7 +455,7 @@ mod tests {
     #[test]
     fn max_unavailable_switches_that_many_nodes_together() {
         let mut d = record(2);
-        start(&mut d, new_model(), "admin", 0);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
         let nodes: Vec<_> = ["a", "b", "c"]
             .iter()
             .map(|n| replica(n, "old", Some(ModelState::Ready)))
@@ -372,13 +465,13 @@ mod tests {
             actions(&a),
             ["deployment.rollout.step", "deployment.rollout.step"]
         );
-        assert_eq!(a.pinned["id-c"], "old");
+        assert_eq!(a.pinned["id-c"].digest, "old");
     }
 
     #[test]
     fn a_failed_model_rolls_every_replica_back_to_the_previous_digest() {
         let mut d = record(1);
-        start(&mut d, new_model(), "admin", 0);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
         let mut nodes = vec![
             replica("a", "old", Some(ModelState::Ready)),
             replica("b", "old", Some(ModelState::Ready)),
@@ -409,7 +502,7 @@ mod tests {
     fn a_failed_probe_or_a_slow_step_rolls_back() {
         let ready = Some(ModelState::Ready);
         let mut d = record(1);
-        start(&mut d, new_model(), "admin", 0);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
         let mut nodes = vec![replica("a", "old", ready)];
         advance(&mut d, &nodes, |_| Probe::NotSent, 1, TIMEOUT);
         nodes[0] = replica("a", "new", ready);
@@ -424,7 +517,7 @@ mod tests {
         assert!(d.rollout.unwrap().message.contains("probe: no tokens"));
 
         let mut d = record(1);
-        start(&mut d, new_model(), "admin", 0);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
         let mut nodes = vec![replica("a", "old", ready)];
         advance(&mut d, &nodes, |_| Probe::NotSent, 1, TIMEOUT);
         nodes[0] = replica("a", "new", Some(ModelState::Pulling));
@@ -437,7 +530,7 @@ mod tests {
     #[test]
     fn a_status_of_the_old_model_does_not_count_for_the_new_one() {
         let mut d = record(1);
-        start(&mut d, new_model(), "admin", 0);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
         let mut nodes = vec![replica("a", "old", Some(ModelState::Ready))];
         advance(&mut d, &nodes, |_| Probe::NotSent, 1, TIMEOUT);
         // Still reporting the old model as ready (the new desired state not yet applied).
@@ -445,14 +538,14 @@ mod tests {
         assert!(a.probe.is_empty());
         // And a failure of the old model is not the new model's failure.
         nodes[0] = replica("a", "old", Some(ModelState::Failed));
-        nodes[0].digest = "new".into();
+        nodes[0].assigned.digest = "new".into();
         assert!(!advance(&mut d, &nodes, |_| Probe::NotSent, 3, TIMEOUT).changed);
     }
 
     #[test]
     fn a_stored_rollout_carries_on_from_where_it_stopped() {
         let mut d = record(1);
-        start(&mut d, new_model(), "admin", 0);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
         let ready = Some(ModelState::Ready);
         let nodes = vec![replica("a", "old", ready), replica("b", "old", ready)];
         advance(&mut d, &nodes, |_| Probe::NotSent, 1, TIMEOUT);
@@ -464,15 +557,123 @@ mod tests {
         restarted.rollout = Some(stored);
         let a = advance(&mut restarted, &nodes, |_| Probe::NotSent, 50, TIMEOUT);
         assert!(a.events.is_empty());
-        assert_eq!(a.pinned["id-a"], "new");
-        assert_eq!(a.pinned["id-b"], "old");
+        assert_eq!(a.pinned["id-a"].digest, "new");
+        assert_eq!(a.pinned["id-b"].digest, "old");
     }
 
     #[test]
     fn a_rollout_without_replicas_completes_at_once() {
         let mut d = record(1);
-        start(&mut d, new_model(), "admin", 0);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
         let a = advance(&mut d, &[], |_| Probe::NotSent, 1, TIMEOUT);
         assert_eq!(actions(&a), ["deployment.rollout.complete"]);
+    }
+
+    #[test]
+    fn a_settings_change_rolls_node_by_node_and_a_report_of_the_old_settings_does_not_count() {
+        let bigger = ServingSettings {
+            slots: 2,
+            context_per_slot: 1024,
+            gpu_layers: -1,
+        };
+        let mut d = record(1);
+        let same_model = current_model(&d);
+        start(&mut d, same_model, bigger, "admin", 0);
+        assert_eq!((d.slots, d.context_per_slot), (2, 1024));
+        let ready = Some(ModelState::Ready);
+        let mut nodes = vec![replica("a", "old", ready), replica("b", "old", ready)];
+        let a = advance(&mut d, &nodes, |_| Probe::NotSent, 1, TIMEOUT);
+        assert_eq!(actions(&a), ["deployment.rollout.step"]);
+        assert_eq!(a.pinned["id-a"].settings, bigger);
+        assert_eq!(
+            a.pinned["id-b"].settings, SETTINGS,
+            "b keeps running as it was"
+        );
+        assert_eq!(
+            a.events[0].details["to_settings"],
+            "slots 2, ctx 1024, gpu-layers auto"
+        );
+
+        // Node a is assigned the new settings but still reports the old replica as ready:
+        // no probe, no verification.
+        nodes[0].assigned.settings = bigger;
+        let a = advance(&mut d, &nodes, |_| Probe::NotSent, 2, TIMEOUT);
+        assert!(a.probe.is_empty() && !a.changed);
+
+        nodes[0] = replica_with("a", "old", bigger, ready);
+        let a = advance(&mut d, &nodes, |_| Probe::NotSent, 3, TIMEOUT);
+        assert_eq!(a.probe, ["id-a"]);
+        let a = advance(&mut d, &nodes, |_| Probe::Passed("ok".into()), 4, TIMEOUT);
+        assert_eq!(
+            actions(&a),
+            ["deployment.rollout.verified", "deployment.rollout.step"]
+        );
+        nodes[1] = replica_with("b", "old", bigger, ready);
+        let a = advance(&mut d, &nodes, |_| Probe::Passed("ok".into()), 5, TIMEOUT);
+        assert_eq!(
+            actions(&a),
+            ["deployment.rollout.verified", "deployment.rollout.complete"]
+        );
+    }
+
+    #[test]
+    fn a_failed_settings_change_rolls_back_to_the_previous_settings() {
+        let huge = ServingSettings {
+            slots: 64,
+            context_per_slot: 131_072,
+            gpu_layers: 99,
+        };
+        let mut d = record(1);
+        let same_model = current_model(&d);
+        start(&mut d, same_model, huge, "admin", 0);
+        let mut nodes = vec![replica("a", "old", Some(ModelState::Ready))];
+        advance(&mut d, &nodes, |_| Probe::NotSent, 1, TIMEOUT);
+        nodes[0] = replica_with("a", "old", huge, Some(ModelState::Failed));
+        let a = advance(&mut d, &nodes, |_| Probe::NotSent, 2, TIMEOUT);
+        assert_eq!(actions(&a), ["deployment.rollback"]);
+        assert_eq!(d.settings(), SETTINGS);
+        assert_eq!(d.digest, "old");
+        assert_eq!(
+            a.events[0].details["to_settings"],
+            "slots 1, ctx 512, gpu-layers auto"
+        );
+    }
+
+    #[test]
+    fn an_agent_that_reports_no_settings_is_matched_by_digest_alone() {
+        let target = Revision {
+            digest: "new".into(),
+            settings: SETTINGS,
+        };
+        let mut status = ModelStatus {
+            digest: "new".into(),
+            ..ModelStatus::default()
+        };
+        assert!(target.reported_by(&status));
+        status.assigned_slots = 4;
+        assert!(!target.reported_by(&status), "other settings reported");
+        status.assigned_slots = 1;
+        status.assigned_context_per_slot = 512;
+        status.assigned_gpu_layers = -1;
+        assert!(target.reported_by(&status));
+        status.digest = "old".into();
+        assert!(!target.reported_by(&status));
+    }
+
+    #[test]
+    fn a_rollout_stored_before_settings_rolled_keeps_the_deployments_settings() {
+        let mut d = record(1);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        let mut stored = d.rollout.take().unwrap();
+        stored.from_settings = None;
+        stored.to_settings = None;
+        let json = serde_json::to_string(&stored).unwrap();
+        assert!(!json.contains("settings"), "{json}");
+        d.rollout = Some(serde_json::from_str(&json).unwrap());
+        let nodes = vec![replica("a", "old", Some(ModelState::Ready))];
+        let a = advance(&mut d, &nodes, |_| Probe::NotSent, 1, TIMEOUT);
+        assert_eq!(a.pinned["id-a"].settings, SETTINGS);
+        roll_back(&mut d, "by hand", 2);
+        assert_eq!((d.digest.as_str(), d.settings()), ("old", SETTINGS));
     }
 }

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::artifacts::ArtifactCache;
 use crate::backoff::Backoff;
 use crate::identity::IdentityStore;
-use crate::serving::{Serving, Slot};
+use crate::serving::{Assigned, Serving, Slot};
 
 /// Settings every assigned model is loaded with.
 #[derive(Clone, Debug)]
@@ -139,7 +139,7 @@ impl Assignments {
             if revoked.contains(assignment.digest.as_str()) {
                 self.serving.set_state(
                     name,
-                    &assignment.digest,
+                    &Assigned::from(assignment),
                     Slot::Failed("the artifact is revoked; it will not be loaded".into()),
                 );
                 continue;
@@ -190,6 +190,7 @@ impl Assignments {
     ) {
         let name = assignment.name.clone();
         let digest = assignment.digest.clone();
+        let assigned = Assigned::from(&assignment);
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         let path = loop {
             if let Some(path) = self.cache.cached(&digest) {
@@ -197,7 +198,7 @@ impl Assignments {
             }
             self.serving.set_state(
                 &name,
-                &digest,
+                &assigned,
                 Slot::Pulling {
                     done: self.cache.partial_len(&digest),
                     total: assignment.size_bytes,
@@ -220,7 +221,8 @@ impl Assignments {
                 Err(e) => {
                     let reason = steward_telemetry::chain(&e).to_string();
                     tracing::error!(model = %name, %digest, error = %reason, "artifact refused; not loading it");
-                    self.serving.set_state(&name, &digest, Slot::Failed(reason));
+                    self.serving
+                        .set_state(&name, &assigned, Slot::Failed(reason));
                     return;
                 }
             }
@@ -235,7 +237,7 @@ impl Assignments {
         };
         tokio::select! {
             () = cancel.cancelled() => {}
-            _ = self.serving.load(config, &digest) => {}
+            _ = self.serving.load(config, &assigned) => {}
         }
     }
 
@@ -256,10 +258,10 @@ impl Assignments {
             .await
             .map_err(|e| transient(steward_telemetry::chain(&e).to_string()))?;
         let mut client = AgentServiceClient::new(channel).max_decoding_message_size(4 << 20);
-        let (serving, name, digest) = (
+        let (serving, name, assigned) = (
             self.serving.clone(),
             assignment.name.clone(),
-            assignment.digest.clone(),
+            Assigned::from(assignment),
         );
         let progress = move |done: u64, total: u64| {
             let slot = if done >= total {
@@ -267,7 +269,7 @@ impl Assignments {
             } else {
                 Slot::Pulling { done, total }
             };
-            serving.set_state(&name, &digest, slot);
+            serving.set_state(&name, &assigned, slot);
         };
         self.cache
             .pull(&mut client, assignment, trust, &progress)

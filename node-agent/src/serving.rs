@@ -11,7 +11,9 @@ use prometheus_client::registry::Registry;
 use steward_engine::api::{ApiKeys, ApiState, ModelSet};
 use steward_engine::metrics::{EngineMetrics, ModelStatsSnapshot};
 use steward_engine::{ModelConfig, ModelHandle};
-use steward_proto::agent::v1::{Inventory, ModelServingStats, ModelState, ModelStatus};
+use steward_proto::agent::v1::{
+    Inventory, ModelAssignment, ModelServingStats, ModelState, ModelStatus,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -121,11 +123,34 @@ pub enum Slot {
     Failed(String),
 }
 
+/// What a deployment assigned a model as; reported with the model's state, so that the
+/// control plane can tell which assignment the state belongs to (a rollout of new settings
+/// keeps the digest). Empty for a model from the agent's own configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Assigned {
+    /// sha256 of the GGUF.
+    pub digest: String,
+    pub slots: u32,
+    pub context_per_slot: u32,
+    /// -1: chosen from free VRAM.
+    pub gpu_layers: i32,
+}
+
+impl From<&ModelAssignment> for Assigned {
+    fn from(a: &ModelAssignment) -> Self {
+        Self {
+            digest: a.digest.clone(),
+            slots: a.slots,
+            context_per_slot: a.context_per_slot,
+            gpu_layers: a.gpu_layers,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct Entry {
     name: String,
-    /// sha256 of the GGUF when it came from a deployment; empty for a local model.
-    digest: String,
+    assigned: Assigned,
     slot: Slot,
 }
 
@@ -181,7 +206,7 @@ impl Serving {
                     .iter()
                     .map(|m| Entry {
                         name: m.name.clone(),
-                        digest: String::new(),
+                        assigned: Assigned::default(),
                         slot: Slot::Loading,
                     })
                     .collect(),
@@ -211,7 +236,7 @@ impl Serving {
             let serving = serving.clone();
             serving.loading.fetch_add(1, Ordering::Relaxed);
             tokio::spawn(async move {
-                let _ = serving.load_counted(model, String::new()).await;
+                let _ = serving.load_counted(model, Assigned::default()).await;
             });
         }
         Ok(serving)
@@ -222,35 +247,40 @@ impl Serving {
     }
 
     /// Sets (or adds) a model's state, e.g. while its artifact is pulled.
-    pub fn set_state(&self, name: &str, digest: &str, slot: Slot) {
+    pub fn set_state(&self, name: &str, assigned: &Assigned, slot: Slot) {
         let mut states = self.lock();
         match states.iter_mut().find(|e| e.name == name) {
             Some(entry) => {
-                entry.digest = digest.to_owned();
+                entry.assigned = assigned.clone();
                 entry.slot = slot;
             }
             None => states.push(Entry {
                 name: name.to_owned(),
-                digest: digest.to_owned(),
+                assigned: assigned.clone(),
                 slot,
             }),
         }
     }
 
-    /// Loads a model and serves it under its name; `digest` is reported with its state.
+    /// Loads a model and serves it under its name; `assigned` is reported with its state.
     /// On failure the reason is kept as the model's state and returned.
-    pub async fn load(&self, config: ModelConfig, digest: &str) -> Result<(), String> {
+    pub async fn load(&self, config: ModelConfig, assigned: &Assigned) -> Result<(), String> {
         self.loading.fetch_add(1, Ordering::Relaxed);
-        self.load_counted(config, digest.to_owned()).await
+        self.load_counted(config, assigned.clone()).await
     }
 
     /// Loads with `loading` already counted up; counts it down however this ends (also when
     /// the caller stops waiting because the model was unassigned mid-load).
-    async fn load_counted(&self, mut config: ModelConfig, digest: String) -> Result<(), String> {
+    async fn load_counted(
+        &self,
+        mut config: ModelConfig,
+        assigned: Assigned,
+    ) -> Result<(), String> {
         let _loading = LoadingGuard(self.loading.clone());
         let name = config.name.clone();
+        let digest = &assigned.digest;
         config.free_vram_bytes = config.free_vram_bytes.or(self.free_vram);
-        self.set_state(&name, &digest, Slot::Loading);
+        self.set_state(&name, &assigned, Slot::Loading);
         let metrics = self.metrics.clone();
         let result = tokio::task::spawn_blocking(move || ModelHandle::load(config, &metrics)).await;
         match result {
@@ -259,18 +289,18 @@ impl Serving {
                     let _ = tokio::task::spawn_blocking(move || old.unload()).await;
                 }
                 tracing::info!(model = %name, %digest, "model ready");
-                self.set_state(&name, &digest, Slot::Ready(handle));
+                self.set_state(&name, &assigned, Slot::Ready(handle));
                 Ok(())
             }
             Ok(Err(e)) => {
                 let reason = steward_telemetry::chain(&e).to_string();
                 tracing::error!(model = %name, error = %reason, "model failed to load");
-                self.set_state(&name, &digest, Slot::Failed(reason.clone()));
+                self.set_state(&name, &assigned, Slot::Failed(reason.clone()));
                 Err(reason)
             }
             Err(e) => {
                 let reason = format!("the loading task failed: {e}");
-                self.set_state(&name, &digest, Slot::Failed(reason.clone()));
+                self.set_state(&name, &assigned, Slot::Failed(reason.clone()));
                 Err(reason)
             }
         }
@@ -304,7 +334,7 @@ impl Serving {
     pub fn entries(&self) -> Vec<(String, String)> {
         self.lock()
             .iter()
-            .map(|e| (e.name.clone(), e.digest.clone()))
+            .map(|e| (e.name.clone(), e.assigned.digest.clone()))
             .collect()
     }
 
@@ -352,13 +382,13 @@ impl ModelReporter for Serving {
             .iter()
             .find(|e| e.name == name)
             .ok_or_else(|| format!("model `{name}` is not on this node"))?;
-        if entry.digest != digest {
+        if entry.assigned.digest != digest {
             return Err(format!(
                 "model `{name}` runs {}, not {digest}",
-                if entry.digest.is_empty() {
+                if entry.assigned.digest.is_empty() {
                     "a local file"
                 } else {
-                    &entry.digest
+                    &entry.assigned.digest
                 }
             ));
         }
@@ -373,32 +403,41 @@ impl ModelReporter for Serving {
         let states = self.lock().clone();
         states
             .into_iter()
-            .map(|Entry { name, digest, slot }| {
-                let (mut bytes_done, mut bytes_total) = (0, 0);
-                let (state, detail, stats) = match slot {
-                    Slot::Pulling { done, total } => {
-                        (bytes_done, bytes_total) = (done, total);
-                        (ModelState::Pulling, String::new(), None)
+            .map(
+                |Entry {
+                     name,
+                     assigned,
+                     slot,
+                 }| {
+                    let (mut bytes_done, mut bytes_total) = (0, 0);
+                    let (state, detail, stats) = match slot {
+                        Slot::Pulling { done, total } => {
+                            (bytes_done, bytes_total) = (done, total);
+                            (ModelState::Pulling, String::new(), None)
+                        }
+                        Slot::Verifying => (ModelState::Verifying, String::new(), None),
+                        Slot::Loading => (ModelState::Loading, String::new(), None),
+                        Slot::Ready(h) => (
+                            ModelState::Ready,
+                            String::new(),
+                            Some(stats_proto(&h.stats())),
+                        ),
+                        Slot::Failed(reason) => (ModelState::Failed, reason, None),
+                    };
+                    ModelStatus {
+                        name,
+                        digest: assigned.digest,
+                        assigned_slots: assigned.slots,
+                        assigned_context_per_slot: assigned.context_per_slot,
+                        assigned_gpu_layers: assigned.gpu_layers,
+                        state: state as i32,
+                        detail,
+                        stats,
+                        bytes_done,
+                        bytes_total,
                     }
-                    Slot::Verifying => (ModelState::Verifying, String::new(), None),
-                    Slot::Loading => (ModelState::Loading, String::new(), None),
-                    Slot::Ready(h) => (
-                        ModelState::Ready,
-                        String::new(),
-                        Some(stats_proto(&h.stats())),
-                    ),
-                    Slot::Failed(reason) => (ModelState::Failed, reason, None),
-                };
-                ModelStatus {
-                    name,
-                    digest,
-                    state: state as i32,
-                    detail,
-                    stats,
-                    bytes_done,
-                    bytes_total,
-                }
-            })
+                },
+            )
             .collect()
     }
 }

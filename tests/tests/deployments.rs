@@ -201,7 +201,7 @@ impl World {
     }
 
     /// Waits until the deployment's rollout is in `phase` and every replica it wants is
-    /// ready on the deployment's digest.
+    /// ready on the deployment's digest and settings.
     async fn wait_rollout(&self, name: &str, phase: RolloutPhase, within: Duration) -> Deployment {
         let deadline = Instant::now() + within;
         loop {
@@ -211,7 +211,10 @@ impl World {
                 && d.placed.iter().all(|r| {
                     r.digest == d.digest
                         && r.status.as_ref().is_some_and(|s| {
-                            s.state == ModelState::Ready as i32 && s.digest == d.digest
+                            s.state == ModelState::Ready as i32
+                                && s.digest == d.digest
+                                && s.assigned_slots == d.slots
+                                && s.assigned_context_per_slot == d.context_per_slot
                         })
                 });
             if settled {
@@ -591,6 +594,69 @@ async fn a_rollout_whose_new_model_fails_rolls_back_to_the_previous_digest(backe
         &second_name
     };
     assert!(events.contains(&format!("deployment.rollout.step {switched}")));
+    second.stop().await.unwrap();
+    w.stop(db).await;
+}
+
+/// Changing only the serving settings restarts every replica, so it rolls like a new model:
+/// node by node, each step proven by a probe, and back by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_serving_settings_roll_out_node_by_node_and_roll_back_by_hand() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    let (second, second_id, second_api) = two_replicas(&w).await;
+    let mut node_names = Vec::new();
+    for id in [&w.node_id, &second_id] {
+        node_names.push(w.admin.node(id).await.name);
+    }
+    node_names.sort();
+
+    let started = w
+        .deploy
+        .clone()
+        .update_deployment(w.admin.request(UpdateDeploymentRequest {
+            name: "chat".into(),
+            slots: Some(2),
+            context_per_slot: Some(1024),
+            ..UpdateDeploymentRequest::default()
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.digest, w.model.digest, "the model stays");
+    let rollout = started.rollout.expect("a rollout started");
+    assert_eq!(rollout.from_digest, rollout.to_digest);
+    assert_eq!(rollout.from_settings, "slots 1, ctx 512, gpu-layers auto");
+    assert_eq!(rollout.to_settings, "slots 2, ctx 1024, gpu-layers auto");
+
+    let d = w
+        .wait_rollout("chat", RolloutPhase::Complete, Duration::from_secs(60))
+        .await;
+    assert_eq!((d.slots, d.context_per_slot), (2, 1024));
+    let events = w.rollout_audit("chat").await;
+    let (first, next) = (&node_names[0], &node_names[1]);
+    assert!(
+        position(&events, &format!("deployment.rollout.verified {first}"))
+            < position(&events, &format!("deployment.rollout.step {next}")),
+        "the second node switched before the first answered its probe: {events:#?}"
+    );
+    for api in [w.api, second_api] {
+        assert_eq!(complete_at(api, "chat").await.status(), 200);
+    }
+
+    let back = w.rollback("chat").await.unwrap();
+    assert_eq!((back.slots, back.context_per_slot), (1, 512));
+    let d = w
+        .wait_rollout("chat", RolloutPhase::Complete, Duration::from_secs(60))
+        .await;
+    for replica in &d.placed {
+        let status = replica.status.as_ref().unwrap();
+        assert_eq!(
+            (status.assigned_slots, status.assigned_context_per_slot),
+            (1, 512),
+            "{replica:#?}"
+        );
+    }
     second.stop().await.unwrap();
     w.stop(db).await;
 }

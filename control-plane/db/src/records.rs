@@ -256,6 +256,47 @@ pub struct DeploymentRecord {
     pub rollout: Option<Rollout>,
 }
 
+impl DeploymentRecord {
+    /// The settings every replica is to run with.
+    pub fn settings(&self) -> ServingSettings {
+        ServingSettings {
+            slots: self.slots,
+            context_per_slot: self.context_per_slot,
+            gpu_layers: self.gpu_layers,
+        }
+    }
+
+    pub fn set_settings(&mut self, s: ServingSettings) {
+        self.slots = s.slots;
+        self.context_per_slot = s.context_per_slot;
+        self.gpu_layers = s.gpu_layers;
+    }
+}
+
+/// How a replica runs its model: changing these restarts the replica, so a change rolls out
+/// node by node like a new model does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServingSettings {
+    pub slots: u32,
+    pub context_per_slot: u32,
+    /// -1: chosen by the agent from free VRAM.
+    pub gpu_layers: i32,
+}
+
+impl std::fmt::Display for ServingSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "slots {}, ctx {}, gpu-layers ",
+            self.slots, self.context_per_slot
+        )?;
+        match self.gpu_layers {
+            layers if layers < 0 => write!(f, "auto"),
+            layers => write!(f, "{layers}"),
+        }
+    }
+}
+
 /// A model by name, version and digest.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ModelRef {
@@ -281,13 +322,19 @@ pub enum RolloutPhase {
     RolledBack,
 }
 
-/// A change of a deployment's model, replica by replica. Kept with the deployment, so a
-/// control plane restarted mid-way carries on where it stopped.
+/// A change of a deployment's model or serving settings, replica by replica. Kept with the
+/// deployment, so a control plane restarted mid-way carries on where it stopped.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rollout {
     pub phase: RolloutPhase,
     pub from: ModelRef,
     pub to: ModelRef,
+    /// The settings rolled from and to. `None` in rollouts stored before settings rolled
+    /// (they changed only the model): the deployment's settings held on both sides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_settings: Option<ServingSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_settings: Option<ServingSettings>,
     pub started_at: UnixSeconds,
     pub finished_at: Option<UnixSeconds>,
     pub started_by: String,

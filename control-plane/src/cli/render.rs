@@ -633,10 +633,17 @@ pub fn deployment_detail(d: &steward_proto::admin::v1::Deployment) -> String {
     line("Created by:", d.created_by.clone());
     line("Max unavail.:", d.max_unavailable.to_string());
     if let Some(r) = &d.rollout {
-        line(
-            "Rollout:",
-            format!("{} → {}: {}", r.from_model, r.to_model, rollout_summary(r)),
-        );
+        let change = if r.from_settings == r.to_settings {
+            format!("{} → {}", r.from_model, r.to_model)
+        } else if r.from_model == r.to_model {
+            format!("{}: {} → {}", r.to_model, r.from_settings, r.to_settings)
+        } else {
+            format!(
+                "{} ({}) → {} ({})",
+                r.from_model, r.from_settings, r.to_model, r.to_settings
+            )
+        };
+        line("Rollout:", format!("{change}: {}", rollout_summary(r)));
         if !r.message.is_empty() {
             line("", r.message.clone());
         }
@@ -768,6 +775,30 @@ mod tests {
         n.inventory.as_mut().unwrap().accelerator = "cpu".into();
         let out = node_detail(&n, 1000);
         assert!(out.contains("cpu (no GPU detected)"), "{out}");
+    }
+
+    #[test]
+    fn a_rollout_of_new_settings_shows_the_settings_it_changes() {
+        use steward_proto::admin::v1::{Deployment, Rollout, RolloutPhase};
+        let d = Deployment {
+            name: "chat".into(),
+            rollout: Some(Rollout {
+                phase: RolloutPhase::Progressing as i32,
+                from_model: "gemma@1".into(),
+                to_model: "gemma@1".into(),
+                from_settings: "slots 1, ctx 512, gpu-layers auto".into(),
+                to_settings: "slots 2, ctx 1024, gpu-layers auto".into(),
+                ..Rollout::default()
+            }),
+            ..Deployment::default()
+        };
+        let out = deployment_detail(&d);
+        assert!(
+            out.contains(
+                "gemma@1: slots 1, ctx 512, gpu-layers auto → slots 2, ctx 1024, gpu-layers auto: progressing"
+            ),
+            "{out}"
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn status(err: &DeployError) -> Status {
 
 pub fn deployment(d: DeploymentStatus) -> wire::Deployment {
     let r = d.record;
+    let rollout = r.rollout.as_ref().map(|rollout| wire_rollout(&r, rollout));
     wire::Deployment {
         name: r.name,
         model_name: r.model_name,
@@ -56,11 +57,13 @@ pub fn deployment(d: DeploymentStatus) -> wire::Deployment {
         missing_replicas: d.missing_replicas,
         unschedulable_reasons: d.unschedulable_reasons,
         max_unavailable: r.max_unavailable,
-        rollout: r.rollout.map(rollout),
+        rollout,
     }
 }
 
-fn rollout(r: steward_db::Rollout) -> wire::Rollout {
+fn wire_rollout(d: &steward_db::DeploymentRecord, r: &steward_db::Rollout) -> wire::Rollout {
+    let (from_settings, to_settings) = crate::rollout::settings_of(d, r);
+    let r = r.clone();
     let phase = match r.phase {
         RolloutPhase::Progressing => wire::RolloutPhase::Progressing,
         RolloutPhase::Complete => wire::RolloutPhase::Complete,
@@ -86,6 +89,8 @@ fn rollout(r: steward_db::Rollout) -> wire::Rollout {
             })
             .collect(),
         message: r.message,
+        from_settings: from_settings.to_string(),
+        to_settings: to_settings.to_string(),
     }
 }
 
