@@ -180,7 +180,28 @@ pub fn openssl_sha256(file: &Path) -> anyhow::Result<Duration> {
 /// CPU time (user + system, every thread) process `pid` has used so far, seconds, at the
 /// kernel's USER_HZ resolution (10 ms).
 pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_cpu_seconds(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU time the threads of process `pid` whose name starts with `prefix` have used so far
+/// (threads that already exited are not counted), seconds at 10 ms resolution.
+pub fn thread_cpu_seconds(pid: u32, prefix: &str) -> anyhow::Result<f64> {
+    let mut total = 0.0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        let Ok(comm) = std::fs::read_to_string(task.join("comm")) else {
+            continue; // exited meanwhile
+        };
+        if comm.starts_with(prefix) {
+            total += stat_cpu_seconds(&task.join("stat").to_string_lossy()).unwrap_or(0.0);
+        }
+    }
+    Ok(total)
+}
+
+/// utime + stime of a `/proc/…/stat` file, seconds.
+fn stat_cpu_seconds(path: &str) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(path)?;
     let after_comm = stat.rsplit_once(')').context("stat format")?.1;
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
     let ticks = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;

@@ -9,7 +9,11 @@
 //! verified per second. The bound is `openssl dgst -sha256` of the same page-cached file,
 //! timed in the same run; the control plane's RSS is sampled every 20 ms. The CPU time the
 //! control plane and the agents used during the round (10 ms resolution) shows where a
-//! pull's work goes: on this machine both share the same cores.
+//! pull's work goes: on this machine both share the same cores. An agent loads the model
+//! as soon as its copy is verified, so in a round of several agents the first ones load
+//! while the others still pull: the table gives the CPU their inference threads
+//! (`llama-*`, where llama.cpp loads) used before the round ended, and when the first
+//! and the last agent had the verified artifact.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
@@ -23,7 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use steward_tests::bench::{
     BenchControlPlane, PeakRss, cpu_seconds, log_filter, openssl_sha256, path_str as path, rss_mib,
-    warm,
+    thread_cpu_seconds, warm,
 };
 use steward_tests::openai_load;
 
@@ -87,9 +91,9 @@ fn main() -> anyhow::Result<()> {
     );
 
     println!(
-        "| agents | size | wall s | aggregate agent-MB/s | per agent MB/s | aggregate ÷ 1 agent | 1 agent ÷ openssl | cp RSS before MiB | cp RSS peak MiB | cp CPU s | agents CPU s |"
+        "| agents | size | wall s | aggregate agent-MB/s | per agent MB/s | aggregate ÷ 1 agent | 1 agent ÷ openssl | cp RSS before MiB | cp RSS peak MiB | cp CPU s | agents CPU s | of it model loads s | first / last verified s |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut single = None;
     for (round, &n) in counts.iter().enumerate() {
         let mut agents = Vec::new();
@@ -102,14 +106,16 @@ fn main() -> anyhow::Result<()> {
         }
         let rss_before = rss_mib(cp.child.id())?;
         let peak_rss = PeakRss::start(cp.child.id());
-        let cpu = |agents: &[Agent]| -> anyhow::Result<(f64, f64)> {
-            let mut on_agents = 0.0;
+        // (control plane, agents, agents' inference threads)
+        let cpu = |agents: &[Agent]| -> anyhow::Result<(f64, f64, f64)> {
+            let (mut on_agents, mut loading) = (0.0, 0.0);
             for a in agents {
                 on_agents += cpu_seconds(a.child.id())?;
+                loading += thread_cpu_seconds(a.child.id(), "llama-")?;
             }
-            Ok((cpu_seconds(cp.child.id())?, on_agents))
+            Ok((cpu_seconds(cp.child.id())?, on_agents, loading))
         };
-        let (cp_cpu_before, agents_cpu_before) = cpu(&agents)?;
+        let (cp_cpu_before, agents_cpu_before, loads_before) = cpu(&agents)?;
         let started = Instant::now();
         cp.steward(&[
             "deploy",
@@ -130,8 +136,15 @@ fn main() -> anyhow::Result<()> {
             .iter()
             .map(|a| a.dir.join("artifacts").join(format!("{digest}.gguf")))
             .collect();
+        let mut verified_at = Vec::new();
         while !pending.is_empty() {
-            pending.retain(|p| !p.exists());
+            pending.retain(|p| {
+                let there = p.exists();
+                if there {
+                    verified_at.push(started.elapsed().as_secs_f64());
+                }
+                !there
+            });
             ensure!(
                 started.elapsed() < Duration::from_secs(600),
                 "agents did not receive the artifact within 10 minutes"
@@ -139,12 +152,12 @@ fn main() -> anyhow::Result<()> {
             std::thread::sleep(Duration::from_millis(5));
         }
         let wall = started.elapsed().as_secs_f64();
-        let (cp_cpu, agents_cpu) = cpu(&agents)?;
+        let (cp_cpu, agents_cpu, loads) = cpu(&agents)?;
         let peak = peak_rss.stop()?;
         let aggregate = n as f64 * size as f64 / 1e6 / wall;
         let one = *single.get_or_insert(aggregate);
         println!(
-            "| {n} | {:.0} MB | {wall:.3} | {aggregate:.0} | {:.0} | {:.2} | {} | {rss_before:.0} | {peak:.0} | {:.2} | {:.2} |",
+            "| {n} | {:.0} MB | {wall:.3} | {aggregate:.0} | {:.0} | {:.2} | {} | {rss_before:.0} | {peak:.0} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} |",
             size as f64 / 1e6,
             aggregate / n as f64,
             aggregate / one,
@@ -155,6 +168,9 @@ fn main() -> anyhow::Result<()> {
             },
             cp_cpu - cp_cpu_before,
             agents_cpu - agents_cpu_before,
+            loads - loads_before,
+            verified_at.first().copied().unwrap_or(wall),
+            verified_at.last().copied().unwrap_or(wall),
         );
         cp.steward(&["deploy", "delete", &format!("bench-{round}")])?;
         for mut a in agents {
