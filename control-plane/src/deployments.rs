@@ -248,6 +248,15 @@ impl Deployments {
                 .unwrap_or(current_settings.context_per_slot),
             gpu_layers: spec.gpu_layers.unwrap_or(current_settings.gpu_layers),
         };
+        // The whole request is checked first, so a bad value is named before anything else.
+        let mut requested = record.clone();
+        requested.set_settings(to_settings);
+        if let Some(selector) = &spec.selector {
+            requested.selector = selector.clone();
+        }
+        requested.replicas = spec.replicas.unwrap_or(record.replicas);
+        requested.max_unavailable = spec.max_unavailable.unwrap_or(record.max_unavailable);
+        check_record(&requested)?;
         // A new model or new settings restart every replica: that rolls node by node.
         let rollout_started = to_model.digest != record.digest || to_settings != current_settings;
         if rollout_started {
@@ -263,28 +272,21 @@ impl Deployments {
                 ));
                 return Err(self.refused(actor, "deployment.update", name, error).await);
             }
-            let mut next = record.clone();
             rollout::start(
-                &mut next,
+                &mut record,
                 to_model,
                 to_settings,
                 &actor.to_string(),
                 now_unix(),
             );
-            // Checked before the rollout is kept, so bad settings leave it as it was.
-            check_record(&next)?;
-            record = next;
         } else {
             record.model_name = to_model.name;
             record.model_version = to_model.version;
         }
-        if let Some(selector) = spec.selector {
-            record.selector = selector;
-        }
-        record.replicas = spec.replicas.unwrap_or(record.replicas);
-        record.max_unavailable = spec.max_unavailable.unwrap_or(record.max_unavailable);
+        record.selector = requested.selector;
+        record.replicas = requested.replicas;
+        record.max_unavailable = requested.max_unavailable;
         record.updated_at = now_unix();
-        check_record(&record)?;
         let mut details = deployment_details(&record);
         details["previous_digest"] = json!(previous_digest);
         let mut events = vec![audit(actor, "deployment.update", name, "success", details)];

@@ -628,6 +628,20 @@ async fn new_serving_settings_roll_out_node_by_node_and_roll_back_by_hand() {
     assert_eq!(rollout.from_digest, rollout.to_digest);
     assert_eq!(rollout.from_settings, "slots 1, ctx 512, gpu-layers auto");
     assert_eq!(rollout.to_settings, "slots 2, ctx 1024, gpu-layers auto");
+    // A bad value is named as such (even mid-rollout) and changes nothing.
+    let bad = w
+        .deploy
+        .clone()
+        .update_deployment(w.admin.request(UpdateDeploymentRequest {
+            name: "chat".into(),
+            slots: Some(0),
+            ..UpdateDeploymentRequest::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    assert!(bad.message().contains("--slots"), "{}", bad.message());
+    assert_eq!(w.show("chat").await.slots, 2);
 
     let d = w
         .wait_rollout("chat", RolloutPhase::Complete, Duration::from_secs(60))

@@ -662,8 +662,20 @@ pub fn deployment_detail(d: &steward_proto::admin::v1::Deployment) -> String {
             let (state, tps, requests) = match &r.status {
                 Some(s) => {
                     let st = s.stats.unwrap_or_default();
+                    // During a rollout of new settings a replica not yet switched runs the
+                    // old ones under the same digest.
+                    let previous = s.assigned_slots != 0
+                        && (
+                            s.assigned_slots,
+                            s.assigned_context_per_slot,
+                            s.assigned_gpu_layers,
+                        ) != (d.slots, d.context_per_slot, d.gpu_layers);
                     (
-                        model_state_text(s),
+                        format!(
+                            "{}{}",
+                            model_state_text(s),
+                            if previous { " (previous settings)" } else { "" }
+                        ),
                         format!("{:.1}", st.generation_tokens_per_second),
                         st.requests_completed.to_string(),
                     )
@@ -779,9 +791,31 @@ mod tests {
 
     #[test]
     fn a_rollout_of_new_settings_shows_the_settings_it_changes() {
-        use steward_proto::admin::v1::{Deployment, Rollout, RolloutPhase};
+        use steward_proto::admin::v1::{Deployment, Replica, Rollout, RolloutPhase};
+        let status = |slots, ctx| ModelStatus {
+            state: ModelState::Ready as i32,
+            assigned_slots: slots,
+            assigned_context_per_slot: ctx,
+            assigned_gpu_layers: -1,
+            ..ModelStatus::default()
+        };
         let d = Deployment {
             name: "chat".into(),
+            slots: 2,
+            context_per_slot: 1024,
+            gpu_layers: -1,
+            placed: vec![
+                Replica {
+                    node_name: "gpu-1".into(),
+                    status: Some(status(2, 1024)),
+                    ..Replica::default()
+                },
+                Replica {
+                    node_name: "gpu-2".into(),
+                    status: Some(status(1, 512)),
+                    ..Replica::default()
+                },
+            ],
             rollout: Some(Rollout {
                 phase: RolloutPhase::Progressing as i32,
                 from_model: "gemma@1".into(),
@@ -799,6 +833,9 @@ mod tests {
             ),
             "{out}"
         );
+        let row = |node: &str| out.lines().find(|l| l.contains(node)).unwrap().to_owned();
+        assert!(!row("gpu-1").contains("previous"), "{out}");
+        assert!(row("gpu-2").contains("ready (previous settings)"), "{out}");
     }
 
     #[test]
