@@ -181,15 +181,30 @@ impl World {
     }
 
     async fn update_model(&self, name: &str, model: &str) -> Result<Deployment, tonic::Status> {
+        self.update(UpdateDeploymentRequest {
+            name: name.into(),
+            model: Some(model.into()),
+            ..UpdateDeploymentRequest::default()
+        })
+        .await
+    }
+
+    async fn update(&self, request: UpdateDeploymentRequest) -> Result<Deployment, tonic::Status> {
         self.deploy
             .clone()
-            .update_deployment(self.admin.request(UpdateDeploymentRequest {
-                name: name.into(),
-                model: Some(model.into()),
-                ..UpdateDeploymentRequest::default()
-            }))
+            .update_deployment(self.admin.request(request))
             .await
             .map(tonic::Response::into_inner)
+    }
+
+    /// The names of this world's first node and of node `other`, sorted.
+    async fn sorted_node_names(&self, other: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        for id in [self.node_id.as_str(), other] {
+            names.push(self.admin.node(id).await.name);
+        }
+        names.sort();
+        names
     }
 
     async fn rollback(&self, name: &str) -> Result<Deployment, tonic::Status> {
@@ -472,6 +487,16 @@ async fn two_replicas(w: &World) -> (TestAgent, String, std::net::SocketAddr) {
     second
 }
 
+/// The second node (by name) switched only after the first answered its probe.
+fn assert_one_node_at_a_time(events: &[String], node_names: &[String]) {
+    let (first, next) = (&node_names[0], &node_names[1]);
+    assert!(
+        position(events, &format!("deployment.rollout.verified {first}"))
+            < position(events, &format!("deployment.rollout.step {next}")),
+        "the second node switched before the first answered its probe: {events:#?}"
+    );
+}
+
 fn position(events: &[String], wanted: &str) -> usize {
     events
         .iter()
@@ -483,14 +508,7 @@ async fn a_new_model_version_rolls_out_node_by_node_and_rolls_back_by_hand(backe
     let db = TestDb::new(backend).await;
     let w = World::start(&db).await;
     let (second, second_id, second_api) = two_replicas(&w).await;
-    let node_names: Vec<String> = {
-        let mut names = Vec::new();
-        for id in [&w.node_id, &second_id] {
-            names.push(w.admin.node(id).await.name);
-        }
-        names.sort();
-        names
-    };
+    let node_names = w.sorted_node_names(&second_id).await;
     let v2 = w.push_working_v2().await;
 
     let started = w.update_model("chat", "tiny-chat@2").await.unwrap();
@@ -503,13 +521,7 @@ async fn a_new_model_version_rolls_out_node_by_node_and_rolls_back_by_hand(backe
         .await;
     assert_eq!(d.model_version, "2");
     let events = w.rollout_audit("chat").await;
-    // One node at a time: the second switches only after the first answered its probe.
-    let (first, next) = (&node_names[0], &node_names[1]);
-    assert!(
-        position(&events, &format!("deployment.rollout.verified {first}"))
-            < position(&events, &format!("deployment.rollout.step {next}")),
-        "{events:#?}"
-    );
+    assert_one_node_at_a_time(&events, &node_names);
     assert!(
         position(&events, "deployment.rollout.start success")
             < position(&events, "deployment.rollout.complete success")
@@ -605,24 +617,17 @@ async fn new_serving_settings_roll_out_node_by_node_and_roll_back_by_hand() {
     let db = TestDb::new(Backend::Sqlite).await;
     let w = World::start(&db).await;
     let (second, second_id, second_api) = two_replicas(&w).await;
-    let mut node_names = Vec::new();
-    for id in [&w.node_id, &second_id] {
-        node_names.push(w.admin.node(id).await.name);
-    }
-    node_names.sort();
+    let node_names = w.sorted_node_names(&second_id).await;
 
     let started = w
-        .deploy
-        .clone()
-        .update_deployment(w.admin.request(UpdateDeploymentRequest {
+        .update(UpdateDeploymentRequest {
             name: "chat".into(),
             slots: Some(2),
             context_per_slot: Some(1024),
             ..UpdateDeploymentRequest::default()
-        }))
+        })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(started.digest, w.model.digest, "the model stays");
     let rollout = started.rollout.expect("a rollout started");
     assert_eq!(rollout.from_digest, rollout.to_digest);
@@ -630,13 +635,11 @@ async fn new_serving_settings_roll_out_node_by_node_and_roll_back_by_hand() {
     assert_eq!(rollout.to_settings, "slots 2, ctx 1024, gpu-layers auto");
     // A bad value is named as such (even mid-rollout) and changes nothing.
     let bad = w
-        .deploy
-        .clone()
-        .update_deployment(w.admin.request(UpdateDeploymentRequest {
+        .update(UpdateDeploymentRequest {
             name: "chat".into(),
             slots: Some(0),
             ..UpdateDeploymentRequest::default()
-        }))
+        })
         .await
         .unwrap_err();
     assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
@@ -647,13 +650,7 @@ async fn new_serving_settings_roll_out_node_by_node_and_roll_back_by_hand() {
         .wait_rollout("chat", RolloutPhase::Complete, Duration::from_secs(60))
         .await;
     assert_eq!((d.slots, d.context_per_slot), (2, 1024));
-    let events = w.rollout_audit("chat").await;
-    let (first, next) = (&node_names[0], &node_names[1]);
-    assert!(
-        position(&events, &format!("deployment.rollout.verified {first}"))
-            < position(&events, &format!("deployment.rollout.step {next}")),
-        "the second node switched before the first answered its probe: {events:#?}"
-    );
+    assert_one_node_at_a_time(&w.rollout_audit("chat").await, &node_names);
     for api in [w.api, second_api] {
         assert_eq!(complete_at(api, "chat").await.status(), 200);
     }
