@@ -1,19 +1,15 @@
 //! End-to-end: the real `steward-control-plane`, `steward-node-agent` and `steward`
 //! binaries, talking over TLS on loopback.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use steward_tests::bench::read_bootstrap_credential;
 use steward_tests::binary;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    steward_tests::openai_load::free_port().unwrap()
 }
 
 struct Running {
@@ -47,22 +43,13 @@ fn start_control_plane() -> ControlPlane {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut credential = None;
-    for line in stdout.lines() {
-        let line = line.unwrap();
-        if let Some(c) = line.strip_prefix("bootstrap admin credential (shown once): ") {
-            credential = Some(c.to_owned());
-        }
-        if line.starts_with("control plane ready") {
-            break;
-        }
-    }
+    let credential =
+        read_bootstrap_credential(&mut child).expect("bootstrap credential printed on first start");
     ControlPlane {
         process: Running { child },
         grpc: format!("https://127.0.0.1:{grpc_port}"),
         http: format!("http://127.0.0.1:{http_port}"),
-        credential: credential.expect("bootstrap credential printed on first start"),
+        credential,
         data_dir,
     }
 }
