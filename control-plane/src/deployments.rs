@@ -260,16 +260,21 @@ impl Deployments {
         // A new model or new settings restart every replica: that rolls node by node.
         let rollout_started = to_model.digest != record.digest || to_settings != current_settings;
         if rollout_started {
-            if let Some(r) = record
-                .rollout
-                .as_ref()
-                .filter(|r| r.phase == RolloutPhase::Progressing)
-            {
-                let error = DeployError::FailedPrecondition(format!(
-                    "deployment `{name}` is rolling out {}; wait until it completes \
-                     or roll it back (`steward deploy rollback {name}`)",
-                    rollout_change(&record, r)
-                ));
+            if let Some(r) = record.rollout.as_ref().filter(|r| r.phase.is_active()) {
+                let error =
+                    DeployError::FailedPrecondition(if r.phase == RolloutPhase::Progressing {
+                        format!(
+                            "deployment `{name}` is rolling out {}; wait until it completes \
+                         or roll it back (`steward deploy rollback {name}`)",
+                            rollout_change(&record, r)
+                        )
+                    } else {
+                        format!(
+                            "deployment `{name}` is rolling back from {} ({}); wait until it is \
+                         back on {}",
+                            r.to, r.message, r.from
+                        )
+                    });
                 return Err(self.refused(actor, "deployment.update", name, error).await);
             }
             rollout::start(
@@ -328,10 +333,19 @@ impl Deployments {
                     .refused(actor, "deployment.rollback", name, error)
                     .await);
             }
+            RolloutPhase::RollingBack => {
+                let error = DeployError::FailedPrecondition(format!(
+                    "deployment `{name}` is already rolling back to {} ({})",
+                    last.from, last.message
+                ));
+                return Err(self
+                    .refused(actor, "deployment.rollback", name, error)
+                    .await);
+            }
             RolloutPhase::Progressing => {
                 let reason = format!("rolled back by {actor}");
                 let (from_settings, to_settings) = rollout::settings_of(&record, &last);
-                rollout::roll_back(&mut record, &reason, now);
+                rollout::begin_roll_back(&mut record, &reason, now);
                 events.push(audit(
                     actor,
                     "deployment.rollback",
@@ -514,10 +528,7 @@ impl Deployments {
         let mut rolling = false;
         for d in &mut records {
             let pinned = self.advance_rollout(d, &nodes).await?;
-            rolling |= d
-                .rollout
-                .as_ref()
-                .is_some_and(|r| r.phase == RolloutPhase::Progressing);
+            rolling |= d.rollout.as_ref().is_some_and(|r| r.phase.is_active());
             match self.demand(d, &policy, pinned).await {
                 Ok(demand) => demands.push(demand),
                 Err(reason) => {
@@ -579,13 +590,14 @@ impl Deployments {
         d: &mut DeploymentRecord,
         nodes: &[NodeRecord],
     ) -> Result<BTreeMap<String, rollout::Revision>, DeployError> {
-        if !d
+        let Some(phase) = d
             .rollout
             .as_ref()
-            .is_some_and(|r| r.phase == RolloutPhase::Progressing)
-        {
+            .map(|r| r.phase)
+            .filter(|p| p.is_active())
+        else {
             return Ok(BTreeMap::new());
-        }
+        };
         let mut replicas = Vec::new();
         for node in nodes {
             if let Some(assigned) = node.desired_models.iter().find(|a| a.deployment == d.name) {
@@ -637,11 +649,10 @@ impl Deployments {
             }
             next.updated_at = now_unix();
             *d = self.fleet.store.update_deployment(&next, events).await?;
-            if !d
-                .rollout
-                .as_ref()
-                .is_some_and(|r| r.phase == RolloutPhase::Progressing)
-            {
+            // Probes are kept by digest: a rollout that turned back (or ended) must not
+            // count an answer given in the other direction, which for new settings is the
+            // same digest.
+            if d.rollout.as_ref().map(|r| r.phase) != Some(phase) {
                 self.probes.forget(&d.name);
             }
         }

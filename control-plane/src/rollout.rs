@@ -1,23 +1,27 @@
 //! Rollouts: moving a deployment's replicas from one model, or one set of serving settings
 //! (slots, context, GPU layers), to another, node by node. Either change restarts a replica,
-//! so both are gated the same way.
+//! so both are gated the same way, and so is the way back.
 //!
 //! [`advance`] is a pure function of the deployment (its stored rollout), where its replicas
 //! run and what their agents report, so it is tested without a database and a restarted
-//! control plane carries on from what was stored. Each call:
-//! - checks the nodes already switched: a model that failed, a probe that failed, or a step
-//!   not proven within the step timeout rolls the whole deployment back to `from` (model and
-//!   settings) at once;
-//!   a model that is ready gets a probe request, and a passed probe verifies the step;
+//! control plane carries on from what was stored. Each call, towards the target (`to` while
+//! progressing, `from` while rolling back):
+//! - checks the nodes already switched: a model that is ready gets a probe request, and a
+//!   passed probe verifies the step. While progressing, a model that failed, a probe that
+//!   failed, or a step not proven within the step timeout turns the rollout around: the
+//!   deployment takes `from` (model and settings) again, the switched nodes not yet proven
+//!   return at once and the proven ones one step at a time ([`begin_roll_back`]). If the way
+//!   back fails too, every replica takes `from` at once;
 //! - switches further nodes (in node-name order) while fewer than `max_unavailable` steps
 //!   are unverified;
-//! - completes the rollout when every replica runs `to` and every step is verified.
+//! - ends the rollout (complete, or rolled back) when every replica runs the target and
+//!   every step is verified.
 //!
 //! A replica's state counts for the target only when the agent reports it for the target's
 //! digest and settings: the same digest under the old settings is still the old replica.
 //!
-//! Replicas placed on new nodes during a rollout start on `to` directly: there is nothing
-//! running there to keep available.
+//! Replicas placed on new nodes during a rollout start on the target directly: there is
+//! nothing running there to keep available.
 
 use std::collections::BTreeMap;
 
@@ -116,7 +120,33 @@ pub fn start(
     });
 }
 
-/// Ends a progressing rollout by returning every replica to `from` at once.
+/// Turns a progressing rollout around: the deployment takes `from` (model and settings)
+/// again, and its replicas return to it node by node. The nodes switched but not yet proven
+/// (the one that failed among them) return at once, ahead of the others: they serve nothing
+/// useful now. The nodes already proven on `to` keep it until their turn, so the deployment
+/// keeps its capacity on the way back.
+pub fn begin_roll_back(record: &mut DeploymentRecord, reason: &str, now: UnixSeconds) {
+    let Some(rollout) = record.rollout.as_mut() else {
+        return;
+    };
+    rollout.phase = RolloutPhase::RollingBack;
+    rollout.message = reason.to_owned();
+    rollout.steps = std::mem::take(&mut rollout.steps)
+        .into_iter()
+        .filter(|(_, step)| step.verified_at.is_none())
+        .map(|(node, step)| {
+            let step = RolloutStep {
+                node_name: step.node_name,
+                started_at: now,
+                verified_at: None,
+            };
+            (node, step)
+        })
+        .collect();
+    restore_from(record);
+}
+
+/// Ends a rollout (either direction) with every replica on `from` at once.
 pub fn roll_back(record: &mut DeploymentRecord, reason: &str, now: UnixSeconds) {
     let Some(rollout) = record.rollout.as_mut() else {
         return;
@@ -124,6 +154,14 @@ pub fn roll_back(record: &mut DeploymentRecord, reason: &str, now: UnixSeconds) 
     rollout.phase = RolloutPhase::RolledBack;
     rollout.finished_at = Some(now);
     rollout.message = reason.to_owned();
+    restore_from(record);
+}
+
+/// The deployment takes its rollout's `from` model and settings.
+fn restore_from(record: &mut DeploymentRecord) {
+    let Some(rollout) = record.rollout.as_ref() else {
+        return;
+    };
     let from = rollout.from.clone();
     let from_settings = rollout.from_settings;
     record.model_name = from.name;
@@ -154,7 +192,7 @@ pub fn current_model(record: &DeploymentRecord) -> ModelRef {
     }
 }
 
-/// Moves a progressing rollout on; see the module docs.
+/// Moves a progressing or rolling-back rollout on; see the module docs.
 pub fn advance(
     record: &mut DeploymentRecord,
     replicas: &[ReplicaView],
@@ -164,18 +202,24 @@ pub fn advance(
 ) -> Advance {
     let mut out = Advance::default();
     let max_unavailable = record.max_unavailable.max(1) as usize;
-    let current_settings = record.settings();
-    let Some(rollout) = record.rollout.as_mut() else {
+    let Some(phase) = record.rollout.as_ref().map(|r| r.phase) else {
         return out;
     };
-    if rollout.phase != RolloutPhase::Progressing {
+    if !phase.is_active() {
         return out;
     }
-    let target = Revision {
-        digest: rollout.to.digest.clone(),
-        settings: rollout.to_settings.unwrap_or(current_settings),
-    };
-    let to = target.digest.clone();
+    let mut rollout = record.rollout.clone().expect("checked above");
+    let (from_settings, to_settings) = settings_of(record, &rollout);
+    let (from, to) = (
+        Revision {
+            digest: rollout.from.digest.clone(),
+            settings: from_settings,
+        },
+        Revision {
+            digest: rollout.to.digest.clone(),
+            settings: to_settings,
+        },
+    );
     let replica = |node: &str| replicas.iter().find(|r| r.node_id == node);
 
     // A switched node that no longer runs a replica (it drained, or stopped matching) is
@@ -184,82 +228,65 @@ pub fn advance(
     rollout.steps.retain(|node, _| replica(node).is_some());
     out.changed |= rollout.steps.len() != before;
 
-    let mut failure = None;
-    for (node, step) in rollout.steps.iter_mut() {
-        if step.verified_at.is_some() {
-            continue;
-        }
-        let status = replica(node)
-            .and_then(|r| r.status.as_ref())
-            .filter(|s| target.reported_by(s));
-        let state = status.map_or(ModelState::Unspecified, |s| s.state());
-        if state == ModelState::Failed {
-            let detail = status.map(|s| s.detail.as_str()).unwrap_or_default();
-            failure = Some(format!(
-                "{}: the new model failed: {detail}",
-                step.node_name
-            ));
-            break;
-        }
-        if state == ModelState::Ready {
-            match probe(node) {
-                Probe::Passed(answer) => {
-                    step.verified_at = Some(now);
-                    out.changed = true;
-                    out.events.push(StepEvent {
-                        action: "deployment.rollout.verified",
-                        outcome: "success",
-                        details: json!({
-                            "node": step.node_name,
-                            "digest": to,
-                            "settings": target.settings.to_string(),
-                            "probe": answer,
-                        }),
-                    });
-                    continue;
-                }
-                Probe::Failed(why) => {
-                    failure = Some(format!(
-                        "{}: the new model did not answer its probe: {why}",
-                        step.node_name
-                    ));
-                    break;
-                }
-                Probe::NotSent => out.probe.push(node.clone()),
-                Probe::Waiting => {}
-            }
-        }
-        if now - step.started_at > step_timeout_secs {
-            failure = Some(format!(
-                "{}: the new model was not ready and answering within {step_timeout_secs} s",
-                step.node_name
-            ));
-            break;
-        }
-    }
-    if let Some(reason) = failure {
-        let from = rollout.from.clone();
-        let to_model = rollout.to.clone();
-        let from_settings = rollout.from_settings.unwrap_or(target.settings);
-        roll_back(record, &reason, now);
+    let mut target = if phase == RolloutPhase::Progressing {
+        to.clone()
+    } else {
+        from.clone()
+    };
+    if let Some(reason) = check_steps(
+        &mut rollout,
+        &target,
+        replicas,
+        &probe,
+        now,
+        step_timeout_secs,
+        &mut out,
+    ) {
         out.changed = true;
         out.probe.clear();
+        record.rollout = Some(rollout);
+        let details = |automatic: bool| {
+            json!({
+                "automatic": automatic,
+                "reason": reason,
+                "from": record.rollout.as_ref().map(|r| r.to.to_string()),
+                "from_digest": to.digest,
+                "from_settings": to.settings.to_string(),
+                "to": record.rollout.as_ref().map(|r| r.from.to_string()),
+                "to_digest": from.digest,
+                "to_settings": from.settings.to_string(),
+            })
+        };
+        if phase == RolloutPhase::RollingBack {
+            // Returning to what ran before failed too: there is nothing safer to wait for,
+            // so every replica takes `from` now.
+            let event = StepEvent {
+                action: "deployment.rollback.forced",
+                outcome: "failure",
+                details: details(true),
+            };
+            let message = format!(
+                "{}; then, on the way back, {reason}",
+                record.rollout.as_ref().map_or("", |r| r.message.as_str())
+            );
+            roll_back(record, &message, now);
+            out.events.push(event);
+            return out;
+        }
         out.events.push(StepEvent {
             action: "deployment.rollback",
             outcome: "success",
-            details: json!({
-                "automatic": true,
-                "reason": reason,
-                "from": to_model.to_string(),
-                "from_digest": to_model.digest,
-                "to": from.to_string(),
-                "to_digest": from.digest,
-                "from_settings": target.settings.to_string(),
-                "to_settings": from_settings.to_string(),
-            }),
+            details: details(true),
         });
-        return out;
+        begin_roll_back(record, &reason, now);
+        rollout = record.rollout.clone().expect("rolling back");
+        target = from.clone();
     }
+    let phase = rollout.phase;
+    let (step_action, complete_action) = match phase {
+        RolloutPhase::Progressing => ("deployment.rollout.step", "deployment.rollout.complete"),
+        _ => ("deployment.rollback.step", "deployment.rollback.complete"),
+    };
 
     let unverified = rollout
         .steps
@@ -285,28 +312,31 @@ pub fn advance(
         );
         out.changed = true;
         out.events.push(StepEvent {
-            action: "deployment.rollout.step",
+            action: step_action,
             outcome: "success",
             details: json!({
                 "node": r.node_name,
                 "from_digest": r.assigned.digest,
-                "to_digest": to,
+                "to_digest": target.digest,
                 "from_settings": r.assigned.settings.to_string(),
                 "to_settings": target.settings.to_string(),
             }),
         });
     }
     if waiting.is_empty() && rollout.steps.values().all(|s| s.verified_at.is_some()) {
-        rollout.phase = RolloutPhase::Complete;
+        rollout.phase = match phase {
+            RolloutPhase::Progressing => RolloutPhase::Complete,
+            _ => RolloutPhase::RolledBack,
+        };
         rollout.finished_at = Some(now);
         out.changed = true;
         out.events.push(StepEvent {
-            action: "deployment.rollout.complete",
+            action: complete_action,
             outcome: "success",
             details: json!({
                 "from": rollout.from.to_string(),
                 "to": rollout.to.to_string(),
-                "digest": to,
+                "digest": target.digest,
                 "settings": target.settings.to_string(),
                 "nodes": rollout.steps.values().map(|s| s.node_name.clone()).collect::<Vec<_>>(),
             }),
@@ -320,7 +350,74 @@ pub fn advance(
         };
         out.pinned.insert(r.node_id.clone(), keeps);
     }
+    record.rollout = Some(rollout);
     out
+}
+
+/// Checks the switched nodes: verifies those whose `target` is ready and answered its
+/// probe, asks for probes, and returns why a step failed, if one did.
+fn check_steps(
+    rollout: &mut Rollout,
+    target: &Revision,
+    replicas: &[ReplicaView],
+    probe: &impl Fn(&str) -> Probe,
+    now: UnixSeconds,
+    step_timeout_secs: i64,
+    out: &mut Advance,
+) -> Option<String> {
+    let (verified_action, what) = match rollout.phase {
+        RolloutPhase::Progressing => ("deployment.rollout.verified", "the new model"),
+        _ => ("deployment.rollback.verified", "the previous model"),
+    };
+    for (node, step) in rollout.steps.iter_mut() {
+        if step.verified_at.is_some() {
+            continue;
+        }
+        let status = replicas
+            .iter()
+            .find(|r| &r.node_id == node)
+            .and_then(|r| r.status.as_ref())
+            .filter(|s| target.reported_by(s));
+        let state = status.map_or(ModelState::Unspecified, |s| s.state());
+        if state == ModelState::Failed {
+            let detail = status.map(|s| s.detail.as_str()).unwrap_or_default();
+            return Some(format!("{}: {what} failed: {detail}", step.node_name));
+        }
+        if state == ModelState::Ready {
+            match probe(node) {
+                Probe::Passed(answer) => {
+                    step.verified_at = Some(now);
+                    out.changed = true;
+                    out.events.push(StepEvent {
+                        action: verified_action,
+                        outcome: "success",
+                        details: json!({
+                            "node": step.node_name,
+                            "digest": target.digest,
+                            "settings": target.settings.to_string(),
+                            "probe": answer,
+                        }),
+                    });
+                    continue;
+                }
+                Probe::Failed(why) => {
+                    return Some(format!(
+                        "{}: {what} did not answer its probe: {why}",
+                        step.node_name
+                    ));
+                }
+                Probe::NotSent => out.probe.push(node.clone()),
+                Probe::Waiting => {}
+            }
+        }
+        if now - step.started_at > step_timeout_secs {
+            return Some(format!(
+                "{}: {what} was not ready and answering within {step_timeout_secs} s",
+                step.node_name
+            ));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -469,7 +566,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_model_rolls_every_replica_back_to_the_previous_digest() {
+    fn a_failed_model_turns_the_rollout_back_and_the_failed_node_returns_first() {
         let mut d = record(1);
         start(&mut d, new_model(), SETTINGS, "admin", 0);
         let mut nodes = vec![
@@ -480,22 +577,166 @@ mod tests {
         nodes[0] = replica("a", "new", Some(ModelState::Failed));
         let a = advance(&mut d, &nodes, |_| Probe::NotSent, 2, TIMEOUT);
         assert_eq!(actions(&a), ["deployment.rollback"]);
-        assert!(
-            a.pinned.is_empty(),
-            "every replica takes the record's digest"
+        assert_eq!(a.events[0].details["automatic"], true);
+        assert_eq!(
+            a.pinned["id-a"].digest, "old",
+            "the failed node returns at once"
         );
+        assert_eq!(a.pinned["id-b"].digest, "old", "never switched");
         assert_eq!(d.digest, "old");
         assert_eq!(d.model_version, "1");
         let rollout = d.rollout.as_ref().unwrap();
-        assert_eq!(rollout.phase, RolloutPhase::RolledBack);
+        assert_eq!(rollout.phase, RolloutPhase::RollingBack);
         assert!(
             rollout.message.contains("a: the new model failed"),
             "{}",
             rollout.message
         );
+
+        // The way back is gated too: ready on the old model, then a probe.
+        nodes[0] = replica("a", "old", Some(ModelState::Loading));
+        assert!(!advance(&mut d, &nodes, |_| Probe::NotSent, 3, TIMEOUT).changed);
+        nodes[0] = replica("a", "old", Some(ModelState::Ready));
+        let a = advance(&mut d, &nodes, |_| Probe::Passed("ok".into()), 4, TIMEOUT);
+        assert_eq!(
+            actions(&a),
+            [
+                "deployment.rollback.verified",
+                "deployment.rollback.complete"
+            ]
+        );
+        assert_eq!(d.rollout.as_ref().unwrap().phase, RolloutPhase::RolledBack);
         // Nothing happens after a rollback.
-        let a = advance(&mut d, &nodes, |_| Probe::NotSent, 3, TIMEOUT);
+        let a = advance(&mut d, &nodes, |_| Probe::NotSent, 5, TIMEOUT);
         assert!(!a.changed);
+    }
+
+    #[test]
+    fn proven_nodes_return_one_step_at_a_time_keeping_their_replicas_serving() {
+        let ready = Some(ModelState::Ready);
+        let mut d = record(1);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        let mut nodes = vec![
+            replica("a", "new", ready),
+            replica("b", "new", ready),
+            replica("c", "old", ready),
+        ];
+        // a and b were switched and proven; c fails.
+        for n in ["id-a", "id-b"] {
+            d.rollout.as_mut().unwrap().steps.insert(
+                n.into(),
+                RolloutStep {
+                    node_name: n.trim_start_matches("id-").into(),
+                    started_at: 0,
+                    verified_at: Some(1),
+                },
+            );
+        }
+        advance(&mut d, &nodes, |_| Probe::NotSent, 2, TIMEOUT);
+        nodes[2] = replica("c", "new", Some(ModelState::Failed));
+        let a = advance(&mut d, &nodes, |_| Probe::NotSent, 3, TIMEOUT);
+        assert_eq!(actions(&a), ["deployment.rollback"]);
+        assert_eq!(a.pinned["id-a"].digest, "new", "a keeps serving for now");
+        assert_eq!(a.pinned["id-b"].digest, "new", "b keeps serving for now");
+        assert_eq!(
+            a.pinned["id-c"].digest, "old",
+            "the failed node returns at once"
+        );
+
+        nodes[2] = replica("c", "old", ready);
+        let a = advance(&mut d, &nodes, |_| Probe::Passed("ok".into()), 4, TIMEOUT);
+        assert_eq!(
+            actions(&a),
+            ["deployment.rollback.verified", "deployment.rollback.step"]
+        );
+        assert_eq!(a.pinned["id-a"].digest, "old");
+        assert_eq!(a.pinned["id-b"].digest, "new", "one at a time");
+
+        nodes[0] = replica("a", "old", ready);
+        let a = advance(&mut d, &nodes, |_| Probe::Passed("ok".into()), 5, TIMEOUT);
+        assert_eq!(
+            actions(&a),
+            ["deployment.rollback.verified", "deployment.rollback.step"]
+        );
+        nodes[1] = replica("b", "old", ready);
+        let a = advance(&mut d, &nodes, |_| Probe::Passed("ok".into()), 6, TIMEOUT);
+        assert_eq!(
+            actions(&a),
+            [
+                "deployment.rollback.verified",
+                "deployment.rollback.complete"
+            ]
+        );
+        let rollout = d.rollout.as_ref().unwrap();
+        assert_eq!(rollout.phase, RolloutPhase::RolledBack);
+        assert_eq!(rollout.finished_at, Some(6));
+    }
+
+    #[test]
+    fn rolling_back_by_hand_returns_unproven_nodes_first_and_keeps_proven_ones() {
+        let mut d = record(1);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        let steps = &mut d.rollout.as_mut().unwrap().steps;
+        for (node, verified_at) in [("a", Some(1)), ("b", None)] {
+            steps.insert(
+                format!("id-{node}"),
+                RolloutStep {
+                    node_name: node.into(),
+                    started_at: 0,
+                    verified_at,
+                },
+            );
+        }
+        begin_roll_back(&mut d, "rolled back by admin", 7);
+        let rollout = d.rollout.as_ref().unwrap();
+        assert_eq!(rollout.phase, RolloutPhase::RollingBack);
+        assert_eq!(rollout.steps.keys().collect::<Vec<_>>(), ["id-b"]);
+        assert_eq!(rollout.steps["id-b"].started_at, 7);
+        assert_eq!((d.digest.as_str(), d.model_version.as_str()), ("old", "1"));
+    }
+
+    #[test]
+    fn a_failure_on_the_way_back_returns_every_replica_at_once() {
+        let ready = Some(ModelState::Ready);
+        let mut d = record(1);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        let mut nodes = vec![replica("a", "new", ready), replica("b", "old", ready)];
+        d.rollout.as_mut().unwrap().steps.insert(
+            "id-a".into(),
+            RolloutStep {
+                node_name: "a".into(),
+                started_at: 0,
+                verified_at: Some(1),
+            },
+        );
+        advance(&mut d, &nodes, |_| Probe::NotSent, 2, TIMEOUT);
+        nodes[1] = replica("b", "new", Some(ModelState::Failed));
+        advance(&mut d, &nodes, |_| Probe::NotSent, 3, TIMEOUT);
+        // b is back on the old model, but it does not answer its probe.
+        nodes[1] = replica("b", "old", ready);
+        let a = advance(
+            &mut d,
+            &nodes,
+            |_| Probe::Failed("no tokens".into()),
+            4,
+            TIMEOUT,
+        );
+        assert_eq!(actions(&a), ["deployment.rollback.forced"]);
+        assert!(
+            a.pinned.is_empty(),
+            "every replica takes the record's digest"
+        );
+        let rollout = d.rollout.as_ref().unwrap();
+        assert_eq!(rollout.phase, RolloutPhase::RolledBack);
+        assert!(
+            rollout.message.contains("b: the new model failed")
+                && rollout
+                    .message
+                    .contains("b: the previous model did not answer"),
+            "{}",
+            rollout.message
+        );
+        assert_eq!(d.digest, "old");
     }
 
     #[test]

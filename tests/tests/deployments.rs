@@ -598,6 +598,15 @@ async fn a_rollout_whose_new_model_fails_rolls_back_to_the_previous_digest(backe
         "the second node was never switched: {events:#?}"
     );
     assert!(events.contains(&"deployment.rollback success".to_owned()));
+    // The failed node came back gated like any step: ready on the old model and answering.
+    let back = events
+        .iter()
+        .find(|e| e.starts_with("deployment.rollback.verified "))
+        .unwrap_or_else(|| panic!("no verified step back: {events:#?}"));
+    assert!(
+        position(&events, back) < position(&events, "deployment.rollback.complete success"),
+        "{events:#?}"
+    );
     let second_name = w.admin.node(&second_id).await.name;
     let first_name = w.admin.node(&w.node_id).await.name;
     let switched = if events.contains(&format!("deployment.rollout.step {first_name}")) {

@@ -318,8 +318,17 @@ pub enum RolloutPhase {
     Progressing,
     /// Every replica runs the new model and answered its probe.
     Complete,
-    /// A step failed, or an admin asked: every replica went back to `from`.
+    /// Every replica went back to `from`.
     RolledBack,
+    /// A step failed, or an admin asked: replicas return to `from` node by node.
+    RollingBack,
+}
+
+impl RolloutPhase {
+    /// Whether replicas are still being moved (in either direction).
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Progressing | Self::RollingBack)
+    }
 }
 
 /// A change of a deployment's model or serving settings, replica by replica. Kept with the

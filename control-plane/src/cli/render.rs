@@ -589,6 +589,7 @@ fn rollout_phase(r: &steward_proto::admin::v1::Rollout) -> &'static str {
         RolloutPhase::Progressing => "progressing",
         RolloutPhase::Complete => "complete",
         RolloutPhase::RolledBack => "rolled back",
+        RolloutPhase::RollingBack => "rolling back",
         RolloutPhase::Unspecified => "unknown",
     }
 }
@@ -596,7 +597,11 @@ fn rollout_phase(r: &steward_proto::admin::v1::Rollout) -> &'static str {
 /// `progressing 1/3`, `complete`, `rolled back`.
 fn rollout_summary(r: &steward_proto::admin::v1::Rollout) -> String {
     let phase = rollout_phase(r);
-    if r.phase() == steward_proto::admin::v1::RolloutPhase::Progressing {
+    if matches!(
+        r.phase(),
+        steward_proto::admin::v1::RolloutPhase::Progressing
+            | steward_proto::admin::v1::RolloutPhase::RollingBack
+    ) {
         let verified = r.steps.iter().filter(|s| s.verified_at_unix > 0).count();
         format!("{phase} ({verified} verified)")
     } else {

@@ -68,6 +68,7 @@ fn wire_rollout(d: &steward_db::DeploymentRecord, r: &steward_db::Rollout) -> wi
         RolloutPhase::Progressing => wire::RolloutPhase::Progressing,
         RolloutPhase::Complete => wire::RolloutPhase::Complete,
         RolloutPhase::RolledBack => wire::RolloutPhase::RolledBack,
+        RolloutPhase::RollingBack => wire::RolloutPhase::RollingBack,
     };
     wire::Rollout {
         phase: phase as i32,
