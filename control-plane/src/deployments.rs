@@ -324,18 +324,14 @@ impl Deployments {
         let now = now_unix();
         let mut events = Vec::new();
         match last.phase {
-            RolloutPhase::RolledBack => {
+            RolloutPhase::RolledBack | RolloutPhase::RollingBack => {
+                let already = if last.phase == RolloutPhase::RolledBack {
+                    "was already rolled back"
+                } else {
+                    "is already rolling back"
+                };
                 let error = DeployError::FailedPrecondition(format!(
-                    "deployment `{name}` was already rolled back to {} ({})",
-                    last.from, last.message
-                ));
-                return Err(self
-                    .refused(actor, "deployment.rollback", name, error)
-                    .await);
-            }
-            RolloutPhase::RollingBack => {
-                let error = DeployError::FailedPrecondition(format!(
-                    "deployment `{name}` is already rolling back to {} ({})",
+                    "deployment `{name}` {already} to {} ({})",
                     last.from, last.message
                 ));
                 return Err(self

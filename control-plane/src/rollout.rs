@@ -494,6 +494,18 @@ mod tests {
         }
     }
 
+    /// Records `node` as switched at time 0, proven at `verified_at`.
+    fn switched(d: &mut DeploymentRecord, node: &str, verified_at: Option<UnixSeconds>) {
+        d.rollout.as_mut().unwrap().steps.insert(
+            format!("id-{node}"),
+            RolloutStep {
+                node_name: node.into(),
+                started_at: 0,
+                verified_at,
+            },
+        );
+    }
+
     fn actions(a: &Advance) -> Vec<&str> {
         a.events.iter().map(|e| e.action).collect()
     }
@@ -622,16 +634,8 @@ mod tests {
             replica("c", "old", ready),
         ];
         // a and b were switched and proven; c fails.
-        for n in ["id-a", "id-b"] {
-            d.rollout.as_mut().unwrap().steps.insert(
-                n.into(),
-                RolloutStep {
-                    node_name: n.trim_start_matches("id-").into(),
-                    started_at: 0,
-                    verified_at: Some(1),
-                },
-            );
-        }
+        switched(&mut d, "a", Some(1));
+        switched(&mut d, "b", Some(1));
         advance(&mut d, &nodes, |_| Probe::NotSent, 2, TIMEOUT);
         nodes[2] = replica("c", "new", Some(ModelState::Failed));
         let a = advance(&mut d, &nodes, |_| Probe::NotSent, 3, TIMEOUT);
@@ -676,17 +680,8 @@ mod tests {
     fn rolling_back_by_hand_returns_unproven_nodes_first_and_keeps_proven_ones() {
         let mut d = record(1);
         start(&mut d, new_model(), SETTINGS, "admin", 0);
-        let steps = &mut d.rollout.as_mut().unwrap().steps;
-        for (node, verified_at) in [("a", Some(1)), ("b", None)] {
-            steps.insert(
-                format!("id-{node}"),
-                RolloutStep {
-                    node_name: node.into(),
-                    started_at: 0,
-                    verified_at,
-                },
-            );
-        }
+        switched(&mut d, "a", Some(1));
+        switched(&mut d, "b", None);
         begin_roll_back(&mut d, "rolled back by admin", 7);
         let rollout = d.rollout.as_ref().unwrap();
         assert_eq!(rollout.phase, RolloutPhase::RollingBack);
@@ -701,14 +696,7 @@ mod tests {
         let mut d = record(1);
         start(&mut d, new_model(), SETTINGS, "admin", 0);
         let mut nodes = vec![replica("a", "new", ready), replica("b", "old", ready)];
-        d.rollout.as_mut().unwrap().steps.insert(
-            "id-a".into(),
-            RolloutStep {
-                node_name: "a".into(),
-                started_at: 0,
-                verified_at: Some(1),
-            },
-        );
+        switched(&mut d, "a", Some(1));
         advance(&mut d, &nodes, |_| Probe::NotSent, 2, TIMEOUT);
         nodes[1] = replica("b", "new", Some(ModelState::Failed));
         advance(&mut d, &nodes, |_| Probe::NotSent, 3, TIMEOUT);
