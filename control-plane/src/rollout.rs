@@ -86,7 +86,7 @@ pub struct Advance {
     /// Whether the stored rollout (or deployment) changed and must be written.
     pub changed: bool,
     pub events: Vec<StepEvent>,
-    /// Nodes whose new model is ready and must be probed.
+    /// Switched nodes whose target model is ready and must be probed.
     pub probe: Vec<String>,
     /// Node id → what the replicas already placed keep (see `placement::Demand::pinned`).
     pub pinned: BTreeMap<String, Revision>,
@@ -244,40 +244,35 @@ pub fn advance(
     ) {
         out.changed = true;
         out.probe.clear();
-        record.rollout = Some(rollout);
-        let details = |automatic: bool| {
-            json!({
-                "automatic": automatic,
-                "reason": reason,
-                "from": record.rollout.as_ref().map(|r| r.to.to_string()),
-                "from_digest": to.digest,
-                "from_settings": to.settings.to_string(),
-                "to": record.rollout.as_ref().map(|r| r.from.to_string()),
-                "to_digest": from.digest,
-                "to_settings": from.settings.to_string(),
-            })
-        };
+        let details = json!({
+            "automatic": true,
+            "reason": reason,
+            "from": rollout.to.to_string(),
+            "from_digest": to.digest,
+            "from_settings": to.settings.to_string(),
+            "to": rollout.from.to_string(),
+            "to_digest": from.digest,
+            "to_settings": from.settings.to_string(),
+        });
         if phase == RolloutPhase::RollingBack {
             // Returning to what ran before failed too: there is nothing safer to wait for,
             // so every replica takes `from` now.
-            let event = StepEvent {
+            let message = format!("{}; then, on the way back, {reason}", rollout.message);
+            record.rollout = Some(rollout);
+            roll_back(record, &message, now);
+            out.events.push(StepEvent {
                 action: "deployment.rollback.forced",
                 outcome: "failure",
-                details: details(true),
-            };
-            let message = format!(
-                "{}; then, on the way back, {reason}",
-                record.rollout.as_ref().map_or("", |r| r.message.as_str())
-            );
-            roll_back(record, &message, now);
-            out.events.push(event);
+                details,
+            });
             return out;
         }
         out.events.push(StepEvent {
             action: "deployment.rollback",
             outcome: "success",
-            details: details(true),
+            details,
         });
+        record.rollout = Some(rollout);
         begin_roll_back(record, &reason, now);
         rollout = record.rollout.clone().expect("rolling back");
         target = from.clone();
