@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use steward_db::{
-    EnrollmentTokenRecord, NewAuditEvent, NewNode, NodeRecord, NodeState, Store, TokenRejection,
+    DeploymentRecord, EnrollmentTokenRecord, NewAuditEvent, NewNode, NodeRecord, NodeState, Store,
+    TokenRejection,
 };
 use steward_proto::agent::v1::{
     AgentTrustAnchor, AgentTrustPolicy, DesiredState, Inventory, ModelAssignment,
@@ -391,9 +392,11 @@ impl Fleet {
                 tracing::error!(digest = %assigned.digest, "an assigned artifact is missing from the registry");
                 continue;
             };
-            // The name the deployment was trusted under (one digest may carry several).
-            let model_name = match self.store.get_deployment(&assigned.deployment).await? {
-                Some(d) => d.model_name,
+            // The name the deployment was trusted under (one digest may carry several). A
+            // node not yet switched by a rollout keeps the name of the model it runs.
+            let deployment = self.store.get_deployment(&assigned.deployment).await?;
+            let model_name = match deployment.and_then(|d| name_of(&d, &assigned.digest)) {
+                Some(name) => name,
                 None => self
                     .store
                     .versions_of(&assigned.digest)
@@ -595,4 +598,17 @@ pub fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// The model name deployment `d` runs `digest` under: its own, or during a rollout the name
+/// of the side (`from` or `to`) with that digest.
+fn name_of(d: &DeploymentRecord, digest: &str) -> Option<String> {
+    if d.digest == digest {
+        return Some(d.model_name.clone());
+    }
+    let rollout = d.rollout.as_ref()?;
+    [&rollout.from, &rollout.to]
+        .into_iter()
+        .find(|m| m.digest == digest)
+        .map(|m| m.name.clone())
 }

@@ -619,6 +619,48 @@ async fn a_rollout_whose_new_model_fails_rolls_back_to_the_previous_digest(backe
     w.stop(db).await;
 }
 
+/// During a rollout to a model of another name, a node not yet switched is still sent the
+/// name its model was trusted under: its assignment (and so its replica) stays as it was
+/// until its own step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_not_yet_switched_keeps_the_name_its_model_was_trusted_under() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    let (second, _, _) = two_replicas(&w).await;
+    let path = w._dir.path().join("tiny-other.gguf");
+    TinyModel {
+        seed: 3,
+        ..TinyModel::default()
+    }
+    .write_to(&path)
+    .unwrap();
+    let signature = sign(&path, &w.key);
+    w.admin
+        .push(&path, "tiny-other", "1", Some(&signature))
+        .await
+        .expect("push");
+    w.update_model("chat", "tiny-other@1").await.unwrap();
+
+    let fleet = w.cp.cp().fleet();
+    let mut not_switched = 0;
+    for node in fleet.list_nodes().await.unwrap() {
+        for m in fleet.desired_state(&node).await.unwrap().models {
+            let expected = if m.digest == w.model.digest {
+                not_switched += 1;
+                "tiny-chat"
+            } else {
+                "tiny-other"
+            };
+            assert_eq!(m.model_name, expected, "{m:?}");
+        }
+    }
+    assert_eq!(not_switched, 1, "one node waits for the first step");
+    w.wait_rollout("chat", RolloutPhase::Complete, Duration::from_secs(60))
+        .await;
+    second.stop().await.unwrap();
+    w.stop(db).await;
+}
+
 /// Changing only the serving settings restarts every replica, so it rolls like a new model:
 /// node by node, each step proven by a probe, and back by hand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
