@@ -134,11 +134,16 @@ impl World {
 
     /// Signs and pushes `tiny-chat@VERSION`, written by `write`.
     async fn push_version(&self, version: &str, write: impl FnOnce(&Path)) -> Model {
-        let path = self._dir.path().join(format!("tiny-chat-{version}.gguf"));
+        self.push_model("tiny-chat", version, write).await
+    }
+
+    /// Writes model `name@version` with `write`, signs it with the trusted key and pushes it.
+    async fn push_model(&self, name: &str, version: &str, write: impl FnOnce(&Path)) -> Model {
+        let path = self._dir.path().join(format!("{name}-{version}.gguf"));
         write(&path);
         let signature = sign(&path, &self.key);
         self.admin
-            .push(&path, "tiny-chat", version, Some(&signature))
+            .push(&path, name, version, Some(&signature))
             .await
             .expect("push")
     }
@@ -627,18 +632,15 @@ async fn a_node_not_yet_switched_keeps_the_name_its_model_was_trusted_under() {
     let db = TestDb::new(Backend::Sqlite).await;
     let w = World::start(&db).await;
     let (second, _, _) = two_replicas(&w).await;
-    let path = w._dir.path().join("tiny-other.gguf");
-    TinyModel {
-        seed: 3,
-        ..TinyModel::default()
-    }
-    .write_to(&path)
-    .unwrap();
-    let signature = sign(&path, &w.key);
-    w.admin
-        .push(&path, "tiny-other", "1", Some(&signature))
-        .await
-        .expect("push");
+    w.push_model("tiny-other", "1", |p| {
+        TinyModel {
+            seed: 3,
+            ..TinyModel::default()
+        }
+        .write_to(p)
+        .unwrap()
+    })
+    .await;
     w.update_model("chat", "tiny-other@1").await.unwrap();
 
     let fleet = w.cp.cp().fleet();
