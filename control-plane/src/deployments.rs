@@ -547,6 +547,7 @@ impl Deployments {
                 },
             );
         }
+        let (mut changed, mut stored) = (Vec::new(), Ok(()));
         for node in &nodes {
             let models = placement.nodes.get(&node.id).cloned().unwrap_or_default();
             if models == node.desired_models {
@@ -562,19 +563,34 @@ impl Deployments {
                     "models": models.iter().map(|m| json!({"deployment": m.deployment, "digest": m.digest})).collect::<Vec<_>>(),
                 }),
             );
-            if let Some(updated) = self
+            match self
                 .fleet
                 .store
                 .set_node_desired_models(&node.id, &models, event)
-                .await?
+                .await
             {
-                tracing::info!(node = %updated.name, generation = updated.desired_generation, models = models.len(), "node assignment changed");
-                if self.fleet.sessions.get(&updated.id).is_some() {
-                    let desired = self.fleet.desired_state(&updated).await?;
-                    self.fleet.sessions.push_desired_state(&updated.id, desired);
+                Ok(Some(updated)) => {
+                    tracing::info!(node = %updated.name, generation = updated.desired_generation, models = models.len(), "node assignment changed");
+                    changed.push(updated);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    stored = Err(e);
+                    break;
                 }
             }
         }
+        // The changed nodes are told together, once every change is stored (and also when a
+        // later store failed): a node told as soon as its own change was stored started
+        // pulling while the others' changes were still being written, and its pull's CPU
+        // slowed those writes, so the last of ten nodes started about half a second after
+        // the first (docs/BENCHMARKS.md).
+        changed.retain(|n| self.fleet.sessions.get(&n.id).is_some());
+        let states = self.fleet.desired_states(&changed).await?;
+        for (node, desired) in changed.iter().zip(states) {
+            self.fleet.sessions.push_desired_state(&node.id, desired);
+        }
+        stored?;
         *last = placement;
         Ok(Reconciled { rolling })
     }

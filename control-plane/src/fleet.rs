@@ -2,13 +2,14 @@
 //! sent to agents. gRPC and HTTP handlers translate wire types and call in here; this module
 //! holds the rules and never sees an ORM type.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 use steward_db::{
-    DeploymentRecord, EnrollmentTokenRecord, NewAuditEvent, NewNode, NodeRecord, NodeState, Store,
-    TokenRejection,
+    AssignedModel, DeploymentRecord, EnrollmentTokenRecord, NewAuditEvent, NewNode, NodeRecord,
+    NodeState, Store, TokenRejection,
 };
 use steward_proto::agent::v1::{
     AgentTrustAnchor, AgentTrustPolicy, DesiredState, Inventory, ModelAssignment,
@@ -386,62 +387,102 @@ impl Fleet {
     /// fetch and verify them, the trust policy it verifies under, and the revoked digests
     /// it must delete.
     pub async fn desired_state(&self, node: &NodeRecord) -> Result<DesiredState, FleetError> {
-        let mut models = Vec::with_capacity(node.desired_models.len());
-        for assigned in &node.desired_models {
-            let Some(artifact) = self.store.find_artifact(&assigned.digest).await? else {
-                tracing::error!(digest = %assigned.digest, "an assigned artifact is missing from the registry");
-                continue;
-            };
-            // The name the deployment was trusted under (one digest may carry several). A
-            // node not yet switched by a rollout keeps the name of the model it runs.
-            let deployment = self.store.get_deployment(&assigned.deployment).await?;
-            let model_name = match deployment.and_then(|d| name_of(&d, &assigned.digest)) {
-                Some(name) => name,
-                None => self
-                    .store
-                    .versions_of(&assigned.digest)
-                    .await?
-                    .into_iter()
-                    .next()
-                    .map(|m| m.name)
-                    .unwrap_or_default(),
-            };
-            models.push(ModelAssignment {
-                name: assigned.deployment.clone(),
-                digest: assigned.digest.clone(),
-                model_name,
-                file_name: artifact.file_name,
-                size_bytes: artifact.size_bytes,
-                signature_bundle: artifact.signature_bundle.into_bytes(),
-                slots: assigned.slots,
-                context_per_slot: assigned.context_per_slot,
-                gpu_layers: assigned.gpu_layers,
-            });
+        let mut states = self.desired_states(std::slice::from_ref(node)).await?;
+        Ok(states.remove(0))
+    }
+
+    /// The desired state of each of `nodes`, in order. What they share (the trust policy, the
+    /// revoked digests, each assigned artifact and deployment) is read once for all of them.
+    pub async fn desired_states(
+        &self,
+        nodes: &[NodeRecord],
+    ) -> Result<Vec<DesiredState>, FleetError> {
+        if nodes.is_empty() {
+            return Ok(Vec::new());
         }
         let policy = crate::trust::TrustPolicy::load(&self.store).await?;
-        Ok(DesiredState {
-            generation: node.desired_generation,
-            drain: node.draining,
-            models,
-            trust: Some(AgentTrustPolicy {
-                anchors: policy
-                    .anchors
-                    .iter()
-                    .map(|a| AgentTrustAnchor {
-                        kind: a.kind.clone(),
-                        pem: a.pem.clone(),
-                        identity: a.identity.clone(),
-                        name_pattern: a.name_pattern.clone(),
-                    })
-                    .collect(),
-                unsigned_allowed: policy
-                    .unsigned
-                    .iter()
-                    .map(|a| a.name_pattern.clone())
-                    .collect(),
-            }),
-            revoked_digests: self.store.revoked_artifact_digests().await?,
-        })
+        let trust = AgentTrustPolicy {
+            anchors: policy
+                .anchors
+                .iter()
+                .map(|a| AgentTrustAnchor {
+                    kind: a.kind.clone(),
+                    pem: a.pem.clone(),
+                    identity: a.identity.clone(),
+                    name_pattern: a.name_pattern.clone(),
+                })
+                .collect(),
+            unsigned_allowed: policy
+                .unsigned
+                .iter()
+                .map(|a| a.name_pattern.clone())
+                .collect(),
+        };
+        let revoked_digests = self.store.revoked_artifact_digests().await?;
+        let mut artifacts = HashMap::new();
+        let mut model_names = HashMap::new();
+        let mut states = Vec::with_capacity(nodes.len());
+        for node in nodes {
+            let mut models = Vec::with_capacity(node.desired_models.len());
+            for assigned in &node.desired_models {
+                let artifact = match artifacts.get(&assigned.digest) {
+                    Some(known) => known,
+                    None => {
+                        let found = self.store.find_artifact(&assigned.digest).await?;
+                        artifacts.entry(assigned.digest.clone()).or_insert(found)
+                    }
+                };
+                let Some(artifact) = artifact else {
+                    tracing::error!(digest = %assigned.digest, "an assigned artifact is missing from the registry");
+                    continue;
+                };
+                let key = (assigned.deployment.clone(), assigned.digest.clone());
+                let model_name = match model_names.get(&key) {
+                    Some(name) => String::clone(name),
+                    None => {
+                        let name = self.model_name(assigned).await?;
+                        model_names.insert(key, name.clone());
+                        name
+                    }
+                };
+                models.push(ModelAssignment {
+                    name: assigned.deployment.clone(),
+                    digest: assigned.digest.clone(),
+                    model_name,
+                    file_name: artifact.file_name.clone(),
+                    size_bytes: artifact.size_bytes,
+                    signature_bundle: artifact.signature_bundle.clone().into_bytes(),
+                    slots: assigned.slots,
+                    context_per_slot: assigned.context_per_slot,
+                    gpu_layers: assigned.gpu_layers,
+                });
+            }
+            states.push(DesiredState {
+                generation: node.desired_generation,
+                drain: node.draining,
+                models,
+                trust: Some(trust.clone()),
+                revoked_digests: revoked_digests.clone(),
+            });
+        }
+        Ok(states)
+    }
+
+    /// The name `assigned`'s deployment was trusted under (one digest may carry several). A
+    /// node not yet switched by a rollout keeps the name of the model it runs.
+    async fn model_name(&self, assigned: &AssignedModel) -> Result<String, FleetError> {
+        let deployment = self.store.get_deployment(&assigned.deployment).await?;
+        if let Some(name) = deployment.and_then(|d| name_of(&d, &assigned.digest)) {
+            return Ok(name);
+        }
+        Ok(self
+            .store
+            .versions_of(&assigned.digest)
+            .await?
+            .into_iter()
+            .next()
+            .map(|m| m.name)
+            .unwrap_or_default())
     }
 
     // ---- nodes --------------------------------------------------------------------------
@@ -481,7 +522,7 @@ impl Fleet {
         &self,
         actor: &Actor,
         node: &str,
-        set: std::collections::HashMap<String, String>,
+        set: HashMap<String, String>,
         remove: &[String],
     ) -> Result<NodeRecord, FleetError> {
         let current = self.find_node(node).await?;

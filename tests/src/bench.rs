@@ -92,7 +92,14 @@ impl BenchControlPlane {
     }
 
     /// Stops the control plane.
-    pub fn stop(mut self) {
+    pub fn stop(self) {
+        drop(self);
+    }
+}
+
+/// A benchmark that fails half-way does not leave its control plane running.
+impl Drop for BenchControlPlane {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -12,8 +12,9 @@
 //! pull's work goes: on this machine both share the same cores. An agent loads the model
 //! as soon as its copy is verified, so in a round of several agents the first ones load
 //! while the others still pull: the table gives the CPU their inference threads
-//! (`llama-*`, where llama.cpp loads) used before the round ended, and when the first
-//! and the last agent had the verified artifact.
+//! (`llama-*`, where llama.cpp loads) used before the round ended, how long the
+//! `deploy create` command itself took (start of the `steward` process to its exit), and
+//! when the first and the last agent had the verified artifact.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
@@ -91,9 +92,9 @@ fn main() -> anyhow::Result<()> {
     );
 
     println!(
-        "| agents | size | wall s | aggregate agent-MB/s | per agent MB/s | aggregate ÷ 1 agent | 1 agent ÷ openssl | cp RSS before MiB | cp RSS peak MiB | cp CPU s | agents CPU s | of it model loads s | first / last verified s |"
+        "| agents | size | wall s | aggregate agent-MB/s | per agent MB/s | aggregate ÷ 1 agent | 1 agent ÷ openssl | cp RSS before MiB | cp RSS peak MiB | cp CPU s | agents CPU s | of it model loads s | deploy call s | first / last verified s |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut single = None;
     for (round, &n) in counts.iter().enumerate() {
         let mut agents = Vec::new();
@@ -132,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             "--ctx",
             "256",
         ])?;
+        let deploy_call = started.elapsed().as_secs_f64();
         let mut pending: Vec<PathBuf> = agents
             .iter()
             .map(|a| a.dir.join("artifacts").join(format!("{digest}.gguf")))
@@ -157,7 +159,7 @@ fn main() -> anyhow::Result<()> {
         let aggregate = n as f64 * size as f64 / 1e6 / wall;
         let one = *single.get_or_insert(aggregate);
         println!(
-            "| {n} | {:.0} MB | {wall:.3} | {aggregate:.0} | {:.0} | {:.2} | {} | {rss_before:.0} | {peak:.0} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} |",
+            "| {n} | {:.0} MB | {wall:.3} | {aggregate:.0} | {:.0} | {:.2} | {} | {rss_before:.0} | {peak:.0} | {:.2} | {:.2} | {:.2} | {deploy_call:.3} | {:.2} / {:.2} |",
             size as f64 / 1e6,
             aggregate / n as f64,
             aggregate / one,
@@ -173,10 +175,7 @@ fn main() -> anyhow::Result<()> {
             verified_at.last().copied().unwrap_or(wall),
         );
         cp.steward(&["deploy", "delete", &format!("bench-{round}")])?;
-        for mut a in agents {
-            let _ = a.child.kill();
-            let _ = a.child.wait();
-        }
+        drop(agents);
     }
     cp.stop();
     Ok(())
@@ -186,6 +185,14 @@ struct Agent {
     child: Child,
     dir: PathBuf,
     name: String,
+}
+
+/// Agents stop at the end of their round, or when the benchmark fails.
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn start_agent(
