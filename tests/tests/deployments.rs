@@ -657,6 +657,19 @@ async fn a_node_not_yet_switched_keeps_the_name_its_model_was_trusted_under() {
         }
     }
     assert_eq!(not_switched, 1, "one node waits for the first step");
+    // Built for every node at once (what the nodes share is read once), each state is the
+    // one built for its node alone: the node on the old digest keeps its model's name.
+    let nodes = fleet.list_nodes().await.unwrap();
+    let together = fleet.desired_states(&nodes).await.unwrap();
+    assert_eq!(together.len(), nodes.len());
+    for (node, state) in nodes.iter().zip(together) {
+        assert_eq!(
+            state,
+            fleet.desired_state(node).await.unwrap(),
+            "{}",
+            node.name
+        );
+    }
     w.wait_rollout("chat", RolloutPhase::Complete, Duration::from_secs(60))
         .await;
     second.stop().await.unwrap();
