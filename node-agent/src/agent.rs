@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use steward_proto::transport::Windows;
 use tokio_util::sync::CancellationToken;
 
 use crate::artifacts::ArtifactCache;
@@ -36,6 +37,8 @@ pub struct AgentConfig {
     pub threads: Option<u32>,
     /// Cap on artifact pull speed, bytes per second.
     pub pull_rate_limit: Option<u64>,
+    /// HTTP/2 receive windows of artifact pulls.
+    pub pull_windows: Windows,
 }
 
 impl AgentConfig {
@@ -51,6 +54,7 @@ impl AgentConfig {
             cache_budget_bytes: 100 << 30,
             threads: None,
             pull_rate_limit: None,
+            pull_windows: Windows::default(),
         }
     }
 }
@@ -122,7 +126,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let assignments = match &serving {
         Some(serving) => {
             let cache = ArtifactCache::open(&config.data_dir, config.cache_budget_bytes)?
-                .with_rate_limit(config.pull_rate_limit);
+                .with_rate_limit(config.pull_rate_limit)
+                .with_pull_windows(config.pull_windows);
             let runner = Assignments::new(
                 serving.clone(),
                 cache,

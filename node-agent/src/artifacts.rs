@@ -18,6 +18,7 @@ use steward_artifact::policy::{Policy, ScopedAnchor};
 use steward_artifact::signing::TrustAnchor;
 use steward_proto::agent::v1::agent_service_client::AgentServiceClient;
 use steward_proto::agent::v1::{AgentTrustPolicy, FetchArtifactRequest, ModelAssignment};
+use steward_proto::transport::Windows;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ArtifactError {
@@ -56,6 +57,8 @@ pub struct ArtifactCache {
     budget_bytes: u64,
     /// Cap on pull speed, bytes per second (so a pull does not fill a shared link).
     rate_limit: Option<u64>,
+    /// HTTP/2 receive windows of the channel a pull runs on.
+    pull_windows: Windows,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
@@ -75,6 +78,7 @@ impl ArtifactCache {
             partial,
             budget_bytes,
             rate_limit: None,
+            pull_windows: Windows::default(),
         })
     }
 
@@ -82,6 +86,16 @@ impl ArtifactCache {
     pub fn with_rate_limit(mut self, bytes_per_second: Option<u64>) -> Self {
         self.rate_limit = bytes_per_second.filter(|&r| r > 0);
         self
+    }
+
+    /// Pulls let the control plane send `windows` ahead of what was read.
+    pub fn with_pull_windows(mut self, windows: Windows) -> Self {
+        self.pull_windows = windows;
+        self
+    }
+
+    pub fn pull_windows(&self) -> Windows {
+        self.pull_windows
     }
 
     pub fn path_of(&self, digest: &str) -> PathBuf {

@@ -254,7 +254,7 @@ impl Assignments {
             .map_err(|e| transient(steward_telemetry::chain(&e).to_string()))?
             .ok_or_else(|| transient("the node is not enrolled".into()))?;
         let channel = identity
-            .channel(&self.endpoint)
+            .channel(&self.endpoint, self.cache.pull_windows())
             .await
             .map_err(|e| transient(steward_telemetry::chain(&e).to_string()))?;
         let mut client = AgentServiceClient::new(channel).max_decoding_message_size(4 << 20);

@@ -11,7 +11,8 @@ use steward_proto::agent::v1::agent_service_client::AgentServiceClient;
 use steward_proto::agent::v1::{EnrollRequest, RenewCertificateRequest};
 use steward_proto::enrollment::EnrollmentToken;
 use steward_proto::transport::{
-    ClientIdentity, ServerTrust, TransportError, client_config, connect, parse_certs,
+    ClientIdentity, ServerTrust, TransportError, Windows, client_config, connect,
+    connect_with_windows, parse_certs,
 };
 use tonic::transport::Channel;
 
@@ -82,12 +83,16 @@ impl NodeIdentity {
     }
 
     /// An mTLS channel to the control plane with this identity.
-    pub async fn channel(&self, endpoint: &str) -> Result<Channel, TransportError> {
+    pub async fn channel(
+        &self,
+        endpoint: &str,
+        windows: Windows,
+    ) -> Result<Channel, TransportError> {
         let config = client_config(
             &ServerTrust::CaPem(self.ca_certificate_pem.clone()),
             Some(&self.client()),
         )?;
-        connect(endpoint, config).await
+        connect_with_windows(endpoint, config, windows).await
     }
 }
 

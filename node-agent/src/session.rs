@@ -15,6 +15,7 @@ use steward_proto::agent::v1::agent_service_client::AgentServiceClient;
 use steward_proto::agent::v1::{
     AgentMessage, DesiredStateAck, Heartbeat, Hello, ProbeResult, agent_message, control_message,
 };
+use steward_proto::transport::Windows;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -146,7 +147,7 @@ async fn one_session(
     let identity = parts.identity.load()?.ok_or(IdentityError::NotEnrolled)?;
     let channel = tokio::select! {
         () = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-        c = identity.channel(&config.endpoint) => c?,
+        c = identity.channel(&config.endpoint, Windows::default()) => c?,
     };
     if now_unix() >= identity.renewal_due_unix() {
         renew_and_store(channel, &identity, parts).await?;

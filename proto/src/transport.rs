@@ -128,14 +128,42 @@ pub fn parse_certs(
 /// (`docs/BENCHMARKS.md`), more than the extra copy out of this buffer costs.
 const TLS_READ_BUFFER: usize = 256 << 10;
 
-/// HTTP/2 receive windows of a client's channel (an agent's artifact downloads). Large
-/// enough that a download is not throttled to 64 KiB per round trip: 2 MiB per round trip is
-/// 2 GB/s at 1 ms, 200 MB/s at 10 ms. Not larger, because whatever the window lets the
-/// control plane send ahead waits in the agent's buffers: with 8 and 16 MiB, ten agents
-/// pulling at once on one host held that much each in freshly faulted memory, and took
-/// about 10% longer and a fifth more agent CPU than with these (`docs/BENCHMARKS.md`).
-const STREAM_WINDOW: u32 = 2 << 20;
-const CONNECTION_WINDOW: u32 = 4 << 20;
+/// HTTP/2 receive windows of a client's channel: how much the server may send ahead, per
+/// stream and in all, before the client has read it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Windows {
+    pub stream: u32,
+    pub connection: u32,
+}
+
+impl Windows {
+    /// The largest stream window `per_stream` accepts: the connection gets twice the stream's,
+    /// and HTTP/2 caps a window below 2 GiB.
+    pub const MAX_STREAM: u32 = 1023 << 20;
+
+    /// `stream` bytes per stream and twice that for the connection (`stream` is capped at
+    /// [`Self::MAX_STREAM`]).
+    pub fn per_stream(stream: u32) -> Self {
+        let stream = stream.min(Self::MAX_STREAM);
+        Self {
+            stream,
+            connection: stream * 2,
+        }
+    }
+}
+
+/// Large enough that a download (an agent's artifact pull) is not throttled to 64 KiB per
+/// round trip: 2 MiB per round trip is 2 GB/s at 1 ms, 200 MB/s at 10 ms, but only 40 MB/s
+/// at 50 ms (agents on such links raise it with `--pull-window-mib`). Not larger by default,
+/// because whatever the window lets the control plane send ahead waits in the agent's
+/// buffers: with 8 and 16 MiB, ten agents pulling at once on one host held that much each in
+/// freshly faulted memory, and took about 10% longer and a fifth more agent CPU than with
+/// these (`docs/BENCHMARKS.md`).
+impl Default for Windows {
+    fn default() -> Self {
+        Self::per_stream(2 << 20)
+    }
+}
 
 /// Opens a gRPC channel to `endpoint` (`https://host:port`) over rustls with `config`.
 ///
@@ -144,6 +172,15 @@ const CONNECTION_WINDOW: u32 = 4 << 20;
 pub async fn connect(
     endpoint: &str,
     config: Arc<rustls::ClientConfig>,
+) -> Result<Channel, TransportError> {
+    connect_with_windows(endpoint, config, Windows::default()).await
+}
+
+/// [`connect`] with the given HTTP/2 receive windows.
+pub async fn connect_with_windows(
+    endpoint: &str,
+    config: Arc<rustls::ClientConfig>,
+    windows: Windows,
 ) -> Result<Channel, TransportError> {
     let (plain, host) = plain_uri(endpoint)?;
     let server_name = ServerName::try_from(host.clone())
@@ -169,8 +206,8 @@ pub async fn connect(
     Endpoint::from_shared(plain)
         .map_err(|_| TransportError::BadEndpoint(endpoint.to_owned()))?
         .connect_timeout(std::time::Duration::from_secs(10))
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_stream_window_size(windows.stream)
+        .initial_connection_window_size(windows.connection)
         .max_frame_size(256 << 10)
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))
         .keep_alive_timeout(std::time::Duration::from_secs(10))

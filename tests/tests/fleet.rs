@@ -9,6 +9,7 @@ use steward_proto::admin::v1::{
 };
 use steward_proto::agent::v1::agent_service_client::AgentServiceClient;
 use steward_proto::agent::v1::{AgentMessage, Hello, agent_message};
+use steward_proto::transport::Windows;
 use steward_tests::{Backend, TestAgent, TestControlPlane, TestDb, init_logging};
 
 steward_tests::on_both_backends!(
@@ -188,7 +189,10 @@ async fn silent_agent_is_marked_unavailable_after_the_heartbeat_timeout(backend:
         .await
         .unwrap();
     // Open a session, say Hello, then never send another message while keeping TCP open.
-    let channel = identity.channel(&cp.endpoint).await.unwrap();
+    let channel = identity
+        .channel(&cp.endpoint, Windows::default())
+        .await
+        .unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(AgentMessage {
         body: Some(agent_message::Body::Hello(Hello::default())),

@@ -12,6 +12,7 @@ use steward_node_agent::agent::{AgentConfig, run};
 use steward_node_agent::inventory::{HostProbe, InventoryProbe};
 use steward_node_agent::serving::{Serving, ServingConfig};
 use steward_node_agent::simulate::{Simulation, SimulationConfig};
+use steward_proto::transport::Windows;
 use tokio_util::sync::CancellationToken;
 
 /// mimalloc keeps the megabyte buffers an artifact download churns through (tonic's decode
@@ -103,8 +104,14 @@ struct InferenceArgs {
     #[arg(long, default_value_t = 100.0)]
     cache_budget_gib: f64,
     /// Cap artifact pulls at this many MiB/s (default: no cap), e.g. on a shared link.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_mib_per_second)]
     pull_rate_limit_mib: Option<f64>,
+    /// How far, in MiB, the control plane may send an artifact ahead of what this agent has
+    /// read (the HTTP/2 stream window; the connection's is twice that). A pull moves at most
+    /// this much per round trip: 2 MiB is 2 GB/s at 1 ms but 40 MB/s at 50 ms, so raise it
+    /// for a link with long round trips.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1023))]
+    pull_window_mib: u32,
     /// API keys clients must present (comma-separated in the environment). Without one,
     /// a key is generated into <data dir>/api-key.
     #[arg(
@@ -114,6 +121,34 @@ struct InferenceArgs {
         hide_env_values = true
     )]
     api_keys: Vec<String>,
+}
+
+impl AgentArgs {
+    fn config(self) -> AgentConfig {
+        let a = self;
+        let mut config = AgentConfig::new(a.control_plane, a.data_dir);
+        config.enrollment_token = a.token;
+        config.name = a.name;
+        config.heartbeat_interval = a.heartbeat_interval;
+        config.serving = a.inference.serving();
+        config.threads = a.inference.threads;
+        config.cache_budget_bytes =
+            (a.inference.cache_budget_gib.max(0.0) * (1u64 << 30) as f64) as u64;
+        config.pull_rate_limit = a
+            .inference
+            .pull_rate_limit_mib
+            .map(|mib| (mib * (1u64 << 20) as f64) as u64);
+        config.pull_windows = Windows::per_stream(a.inference.pull_window_mib << 20);
+        config
+    }
+}
+
+/// A rate in MiB/s: a finite number above zero.
+fn positive_mib_per_second(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(mib) if mib.is_finite() && mib > 0.0 => Ok(mib),
+        _ => Err(format!("`{text}` is not a rate above zero in MiB/s")),
+    }
 }
 
 impl InferenceArgs {
@@ -216,18 +251,9 @@ async fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Some(Command::Simulate(args)) => simulate(args, shutdown).await,
         Some(Command::Serve(args)) => serve(args, shutdown).await,
-        None => {
-            let a = cli.agent;
-            let mut config = AgentConfig::new(a.control_plane, a.data_dir);
-            config.enrollment_token = a.token;
-            config.name = a.name;
-            config.heartbeat_interval = a.heartbeat_interval;
-            config.serving = a.inference.serving();
-            config.threads = a.inference.threads;
-            config.cache_budget_bytes =
-                (a.inference.cache_budget_gib.max(0.0) * (1u64 << 30) as f64) as u64;
-            run(config, shutdown).await.map_err(anyhow::Error::from)
-        }
+        None => run(cli.agent.config(), shutdown)
+            .await
+            .map_err(anyhow::Error::from),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -290,6 +316,48 @@ async fn wait_for_signal() {
         }
         Err(_) => {
             let _ = ctrl_c.await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn agent_config(args: &[&str]) -> Result<AgentConfig, clap::Error> {
+        let cli =
+            Cli::try_parse_from(std::iter::once("steward-node-agent").chain(args.iter().copied()))?;
+        Ok(cli.agent.config())
+    }
+
+    #[test]
+    fn pull_flags_reach_the_agent_config() {
+        let config =
+            agent_config(&["--pull-rate-limit-mib", "1.5", "--pull-window-mib", "16"]).unwrap();
+        assert_eq!(config.pull_rate_limit, Some(3 << 19));
+        assert_eq!(
+            config.pull_windows,
+            Windows {
+                stream: 16 << 20,
+                connection: 32 << 20
+            }
+        );
+        let defaults = agent_config(&[]).unwrap();
+        assert_eq!(defaults.pull_rate_limit, None);
+        assert_eq!(defaults.pull_windows, Windows::default());
+    }
+
+    #[test]
+    fn bad_pull_flags_are_refused_with_the_flag_named() {
+        for args in [
+            ["--pull-rate-limit-mib", "0"],
+            ["--pull-rate-limit-mib", "-3"],
+            ["--pull-rate-limit-mib", "NaN"],
+            ["--pull-window-mib", "0"],
+            ["--pull-window-mib", "1024"],
+        ] {
+            let error = agent_config(&args).unwrap_err().to_string();
+            assert!(error.contains(args[0]), "{args:?}: {error}");
         }
     }
 }
