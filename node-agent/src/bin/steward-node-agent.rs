@@ -101,7 +101,7 @@ struct InferenceArgs {
     api_listen: Option<SocketAddr>,
     /// Disk the artifact cache may use, in GiB, before artifacts no deployment needs are
     /// evicted (least recently used first).
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, allow_negative_numbers = true, value_parser = cache_budget)]
     cache_budget_gib: f64,
     /// Cap artifact pulls at this many MiB/s (default: no cap), e.g. on a shared link.
     #[arg(long, allow_negative_numbers = true, value_parser = positive_mib_per_second)]
@@ -110,7 +110,11 @@ struct InferenceArgs {
     /// read (the HTTP/2 stream window; the connection's is twice that). A pull moves at most
     /// this much per round trip: 2 MiB is 2 GB/s at 1 ms but 40 MB/s at 50 ms, so raise it
     /// for a link with long round trips.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=1023))]
+    #[arg(
+        long,
+        default_value_t = 2,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(Windows::MAX_STREAM >> 20))
+    )]
     pull_window_mib: u32,
     /// API keys clients must present (comma-separated in the environment). Without one,
     /// a key is generated into <data dir>/api-key.
@@ -132,14 +136,21 @@ impl AgentArgs {
         config.heartbeat_interval = a.heartbeat_interval;
         config.serving = a.inference.serving();
         config.threads = a.inference.threads;
-        config.cache_budget_bytes =
-            (a.inference.cache_budget_gib.max(0.0) * (1u64 << 30) as f64) as u64;
+        config.cache_budget_bytes = (a.inference.cache_budget_gib * (1u64 << 30) as f64) as u64;
         config.pull_rate_limit = a
             .inference
             .pull_rate_limit_mib
             .map(|mib| (mib * (1u64 << 20) as f64) as u64);
         config.pull_windows = Windows::per_stream(a.inference.pull_window_mib << 20);
         config
+    }
+}
+
+/// A cache budget in GiB: a finite number, zero or more (zero keeps only what is assigned).
+fn cache_budget(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(gib) if gib.is_finite() && gib >= 0.0 => Ok(gib),
+        _ => Err(format!("`{text}` is not a size of zero or more GiB")),
     }
 }
 
@@ -342,6 +353,11 @@ mod tests {
                 connection: 32 << 20
             }
         );
+        let zero = agent_config(&["--cache-budget-gib", "0"]).unwrap();
+        assert_eq!(
+            zero.cache_budget_bytes, 0,
+            "zero keeps only what is assigned"
+        );
         let defaults = agent_config(&[]).unwrap();
         assert_eq!(defaults.pull_rate_limit, None);
         assert_eq!(defaults.pull_windows, Windows::default());
@@ -355,6 +371,8 @@ mod tests {
             ["--pull-rate-limit-mib", "NaN"],
             ["--pull-window-mib", "0"],
             ["--pull-window-mib", "1024"],
+            ["--cache-budget-gib", "-1"],
+            ["--cache-budget-gib", "inf"],
         ] {
             let error = agent_config(&args).unwrap_err().to_string();
             assert!(error.contains(args[0]), "{args:?}: {error}");
