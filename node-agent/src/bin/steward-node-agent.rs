@@ -148,17 +148,19 @@ impl AgentArgs {
 
 /// A cache budget in GiB: a finite number, zero or more (zero keeps only what is assigned).
 fn cache_budget(text: &str) -> Result<f64, String> {
-    match text.parse::<f64>() {
-        Ok(gib) if gib.is_finite() && gib >= 0.0 => Ok(gib),
-        _ => Err(format!("`{text}` is not a size of zero or more GiB")),
-    }
+    finite_number(text, |gib| gib >= 0.0, "a size of zero or more GiB")
 }
 
 /// A rate in MiB/s: a finite number above zero.
 fn positive_mib_per_second(text: &str) -> Result<f64, String> {
+    finite_number(text, |mib| mib > 0.0, "a rate above zero in MiB/s")
+}
+
+/// `text` as a finite number that `accept`s; otherwise says it is not `what`.
+fn finite_number(text: &str, accept: fn(f64) -> bool, what: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
-        Ok(mib) if mib.is_finite() && mib > 0.0 => Ok(mib),
-        _ => Err(format!("`{text}` is not a rate above zero in MiB/s")),
+        Ok(n) if n.is_finite() && accept(n) => Ok(n),
+        _ => Err(format!("`{text}` is not {what}")),
     }
 }
 
