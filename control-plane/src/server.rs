@@ -56,6 +56,9 @@ pub struct Config {
     pub placement: Strategy,
     /// How long one rollout step may take to be ready and answer its probe.
     pub rollout_step_timeout: Duration,
+    /// A gRPC connection that has not completed its TLS handshake after this long is closed,
+    /// so clients that connect and say nothing cannot pile up open sockets and tasks.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Config {
@@ -69,6 +72,7 @@ impl Config {
             registry: RegistrySettings::default(),
             placement: Strategy::default(),
             rollout_step_timeout: Duration::from_secs(30 * 60),
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 
@@ -163,7 +167,8 @@ impl ControlPlane {
         let tls = ServerTlsConfig::new()
             .identity(Identity::from_pem(chain, key))
             .client_ca_root(Certificate::from_pem(ca.certificate_pem()))
-            .client_auth_optional(true);
+            .client_auth_optional(true)
+            .timeout(config.tls_handshake_timeout);
         // Both reflection versions: older grpcurl/grpc_cli builds only speak v1alpha.
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(steward_proto::FILE_DESCRIPTOR_SET)

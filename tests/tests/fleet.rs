@@ -436,6 +436,51 @@ async fn calls_without_the_right_credentials_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_never_finish_the_tls_handshake_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_logging();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = TestControlPlane::start_with(&db, |config| {
+        config.tls_handshake_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let addr = cp.cp().grpc_addr;
+    let started = Instant::now();
+    // One client connects and says nothing; another sends the start of a ClientHello record
+    // (handshake, TLS 1.0 framing, 512 bytes announced) and then nothing.
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(&[0x16, 0x03, 0x01, 0x02, 0x00])
+        .await
+        .unwrap();
+    for (what, stream) in [("silent", &mut silent), ("stalled", &mut stalled)] {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("the {what} connection is still open after 10 s"));
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "the {what} connection is closed, not answered: {read:?}"
+        );
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed by the handshake timeout, not at once"
+    );
+    // Well-behaved clients are served as before.
+    let admin = steward_tests::Admin::connect(&cp.endpoint, &cp.ca_pem, &cp.admin_credential).await;
+    admin
+        .client
+        .clone()
+        .list_nodes(admin.request(ListNodesRequest {}))
+        .await
+        .expect("a client that completes the handshake is served");
+    cp.stop().await;
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_with_a_refused_token_exits_with_the_reason() {
     init_logging();
     let db = TestDb::new(Backend::Sqlite).await;
