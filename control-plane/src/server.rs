@@ -235,9 +235,10 @@ impl ControlPlane {
         let router = crate::http::router(fleet.clone());
         let http_listener = listeners.http;
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = axum::serve(http_listener, router)
-                .with_graceful_shutdown(http_shutdown.cancelled_owned())
-                .await
+            let head_timeout = steward_proto::http::HEAD_TIMEOUT;
+            let stopped = http_shutdown.cancelled_owned();
+            if let Err(e) =
+                steward_proto::http::serve(http_listener, router, head_timeout, stopped).await
             {
                 tracing::error!(error = %steward_telemetry::chain(&e), "HTTP server failed");
             }

@@ -5,8 +5,11 @@
 //!   control plane (mints them) and the agent and CLI (present them) must agree on.
 //! - [`transport`]: how a client reaches the control plane over TLS, including pinning the CA
 //!   by hash during enrollment.
+//! - [`http`]: how the plain HTTP endpoints (console, OpenAI-compatible API) are served, with
+//!   a deadline for every request head.
 
 pub mod enrollment;
+pub mod http;
 pub mod transport;
 
 pub mod agent {

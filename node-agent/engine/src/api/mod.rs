@@ -138,17 +138,15 @@ pub async fn serve(
     state: ApiState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Streamed tokens are small writes: without TCP_NODELAY, Nagle holds each one back until
-    // the client acknowledges the previous one, and delayed ACKs make that up to 40 ms.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::warn!(error = %e, "could not set TCP_NODELAY on an API connection");
-        }
-    });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    // With a deadline for every request head and TCP_NODELAY (streamed tokens are small
+    // writes that Nagle would hold back).
+    steward_proto::http::serve(
+        listener,
+        router(state),
+        steward_proto::http::HEAD_TIMEOUT,
+        shutdown,
+    )
+    .await
 }
 
 async fn authenticate(State(state): State<ApiState>, request: Request, next: Next) -> Response {
