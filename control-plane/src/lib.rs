@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod pki;
 pub mod placement;
 pub mod probes;
+pub mod read_deadline;
 pub mod registry;
 pub mod rollout;
 pub mod server;

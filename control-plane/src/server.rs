@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::TryStreamExt;
 use serde_json::json;
 use steward_db::{AdminCredentialRecord, CaRecord, Store};
 use steward_proto::admin::v1::admin_service_server::AdminServiceServer;
@@ -59,6 +60,9 @@ pub struct Config {
     /// A gRPC connection that has not completed its TLS handshake after this long is closed,
     /// so clients that connect and say nothing cannot pile up open sockets and tasks.
     pub tls_handshake_timeout: Duration,
+    /// A gRPC connection from which nothing has arrived for this long is closed (see
+    /// `read_deadline`); longer than the 30 s keep-alive ping interval plus its timeout.
+    pub grpc_idle_timeout: Duration,
 }
 
 impl Config {
@@ -73,6 +77,7 @@ impl Config {
             placement: Strategy::default(),
             rollout_step_timeout: Duration::from_secs(30 * 60),
             tls_handshake_timeout: Duration::from_secs(10),
+            grpc_idle_timeout: Duration::from_secs(60),
         }
     }
 
@@ -219,9 +224,12 @@ impl ControlPlane {
         let mut tasks = Vec::new();
         // No Nagle on accepted sockets (tonic's own `tcp_nodelay` setting only reaches sockets
         // it binds itself). Without it, the end of a response waited for the client's delayed
-        // ACK: 40 ms added to about half of all CLI calls and pushes.
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+        // ACK: 40 ms added to about half of all CLI calls and pushes. Reads under TLS carry
+        // the idle deadline (`read_deadline`).
+        let idle = config.grpc_idle_timeout;
+        let incoming = tonic::transport::server::TcpIncoming::from(listeners.grpc)
+            .with_nodelay(Some(true))
+            .map_ok(move |tcp| crate::read_deadline::ReadDeadline::new(tcp, idle));
         let grpc_shutdown = shutdown.clone();
         tasks.push(tokio::spawn(async move {
             if let Err(e) = grpc

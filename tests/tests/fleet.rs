@@ -436,12 +436,13 @@ async fn calls_without_the_right_credentials_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_that_never_finish_the_tls_handshake_are_closed() {
+async fn silent_and_stalled_grpc_connections_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     init_logging();
     let db = TestDb::new(Backend::Sqlite).await;
     let cp = TestControlPlane::start_with(&db, |config| {
         config.tls_handshake_timeout = Duration::from_millis(500);
+        config.grpc_idle_timeout = Duration::from_secs(1);
     })
     .await;
     let addr = cp.cp().grpc_addr;
@@ -467,6 +468,36 @@ async fn connections_that_never_finish_the_tls_handshake_are_closed() {
     assert!(
         started.elapsed() >= Duration::from_millis(400),
         "closed by the handshake timeout, not at once"
+    );
+    // A third completes the TLS handshake (asking for HTTP/2) and then never sends the
+    // HTTP/2 preface: hyper has no deadline for it, the idle deadline closes it.
+    let tls = steward_proto::transport::client_config(
+        &steward_proto::transport::ServerTrust::CaPem(cp.ca_pem.clone()),
+        None,
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut mute = tokio_rustls::TlsConnector::from(tls)
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("the TLS handshake completes");
+    let after_handshake = Instant::now();
+    let mut got = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 256];
+        // The server's HTTP/2 SETTINGS arrive, then the connection closes.
+        while let Ok(n @ 1..) = mute.read(&mut buf).await {
+            got.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a connection that never sends the HTTP/2 preface stays open"
+    );
+    assert!(
+        after_handshake.elapsed() >= Duration::from_millis(900),
+        "closed by the idle deadline, not at once"
     );
     // Well-behaved clients are served as before.
     let admin = steward_tests::Admin::connect(&cp.endpoint, &cp.ca_pem, &cp.admin_credential).await;
