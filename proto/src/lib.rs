@@ -7,8 +7,11 @@
 //!   by hash during enrollment.
 //! - [`http`]: how the plain HTTP endpoints (console, OpenAI-compatible API) are served, with
 //!   a deadline for every request head.
+//! - [`glibc_memcpy`]: restarting a binary with glibc's `rep movsb` threshold raised on the
+//!   AMD CPUs where glibc's default makes TLS copies many times slower.
 
 pub mod enrollment;
+pub mod glibc_memcpy;
 pub mod http;
 pub mod transport;
 

@@ -32,9 +32,14 @@ struct ControlPlane {
 }
 
 fn start_control_plane() -> ControlPlane {
+    start_control_plane_with_env(&[])
+}
+
+fn start_control_plane_with_env(env: &[(&str, &str)]) -> ControlPlane {
     let data_dir = tempfile::tempdir().unwrap();
     let (grpc_port, http_port) = (free_port(), free_port());
     let mut child = Command::new(binary("steward-control-plane"))
+        .envs(env.iter().copied())
         .args(["--data-dir", data_dir.path().to_str().unwrap()])
         .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
         .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
@@ -186,6 +191,43 @@ async fn real_binaries_enroll_an_agent_see_it_die_and_see_it_return_with_its_id(
         );
     }
     drop(cp.process);
+}
+
+/// `GLIBC_TUNABLES` in the environment of the running process `pid`.
+fn glibc_tunables_of(pid: u32) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    environ
+        .split(|&b| b == 0)
+        .find_map(|var| var.strip_prefix(b"GLIBC_TUNABLES="))
+        .map(|value| String::from_utf8(value.to_vec()).unwrap())
+}
+
+#[test]
+fn the_control_plane_runs_with_the_rep_movsb_threshold_raised_where_glibc_is_slow() {
+    use steward_proto::glibc_memcpy::{Host, tunables_for};
+    let inherited = std::env::var_os("GLIBC_TUNABLES");
+    let want = tunables_for(Host::current(), inherited.as_deref())
+        .map(|v| v.into_string().unwrap())
+        .or_else(|| inherited.map(|v| v.into_string().unwrap()));
+    eprintln!(
+        "this host: {:?}, expecting GLIBC_TUNABLES={want:?}",
+        Host::current()
+    );
+    // The process answered with its bootstrap credential, so it runs after the restart.
+    let cp = start_control_plane();
+    let pid = cp.process.child.id();
+    assert_eq!(glibc_tunables_of(pid), want);
+    // Restarted under its own name, so that `ps` and `pgrep` still find it.
+    let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert_eq!(name.trim_end(), "steward-control");
+
+    // An operator's own threshold is kept as it is.
+    let chosen = "glibc.cpu.x86_rep_movsb_threshold=2112";
+    let cp = start_control_plane_with_env(&[("GLIBC_TUNABLES", chosen)]);
+    assert_eq!(
+        glibc_tunables_of(cp.process.child.id()).as_deref(),
+        Some(chosen)
+    );
 }
 
 #[test]

@@ -55,8 +55,14 @@ struct Args {
     otlp_endpoint: Option<String>,
 }
 
+fn main() -> std::process::ExitCode {
+    // Before any thread starts: this may replace the process image (same PID).
+    steward_proto::glibc_memcpy::reexec_if_memcpy_is_slow();
+    run_main()
+}
+
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn run_main() -> std::process::ExitCode {
     // mimalloc asks for transparent huge pages; while uploads stream through tonic's
     // buffers, every fault on such a region zeroed 2 MiB, a quarter of the receiving
     // threads' CPU in push profiles. Without them, upload buffers fault in 4 KiB at a time.

@@ -7,8 +7,14 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+fn main() -> std::process::ExitCode {
+    // Before any thread starts: this may replace the process image (same PID).
+    steward_proto::glibc_memcpy::reexec_if_memcpy_is_slow();
+    run_main()
+}
+
 #[tokio::main(flavor = "current_thread")]
-async fn main() -> std::process::ExitCode {
+async fn run_main() -> std::process::ExitCode {
     let cli = steward_control_plane::cli::Cli::parse();
     match steward_control_plane::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -240,8 +240,14 @@ struct SimulateArgs {
     name_prefix: String,
 }
 
+fn main() -> std::process::ExitCode {
+    // Before any thread starts: this may replace the process image (same PID).
+    steward_proto::glibc_memcpy::reexec_if_memcpy_is_slow();
+    run_main()
+}
+
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn run_main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let _telemetry = match steward_telemetry::init(&steward_telemetry::TelemetryConfig {
         service_name: "steward-node-agent",
