@@ -36,10 +36,16 @@ fn start_control_plane() -> ControlPlane {
 }
 
 fn start_control_plane_with_env(env: &[(&str, &str)]) -> ControlPlane {
+    start_control_plane_with(env, &[])
+}
+
+/// Like [`start_control_plane`], with extra environment variables and flags.
+fn start_control_plane_with(env: &[(&str, &str)], extra: &[&str]) -> ControlPlane {
     let data_dir = tempfile::tempdir().unwrap();
     let (grpc_port, http_port) = (free_port(), free_port());
     let mut child = Command::new(binary("steward-control-plane"))
         .envs(env.iter().copied())
+        .args(extra)
         .args(["--data-dir", data_dir.path().to_str().unwrap()])
         .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
         .args(["--http-listen", &format!("127.0.0.1:{http_port}")])
@@ -228,6 +234,93 @@ fn the_control_plane_runs_with_the_rep_movsb_threshold_raised_where_glibc_is_slo
         glibc_tunables_of(cp.process.child.id()).as_deref(),
         Some(chosen)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_closes_silent_connections_after_the_timeouts_its_flags_set() {
+    use tokio::io::AsyncReadExt;
+    // Both well below the defaults (10 s and 60 s), so only the flags can close these in time.
+    let cp = start_control_plane_with(
+        &[],
+        &[
+            "--tls-handshake-timeout",
+            "300ms",
+            "--grpc-idle-timeout",
+            "1s",
+        ],
+    );
+    let addr = cp.grpc.trim_start_matches("https://").to_owned();
+    // A client that connects and never starts the TLS handshake.
+    let started = Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+        .await
+        .expect("the silent connection is still open after 5 s");
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "closed, not answered: {read:?}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "closed by the handshake timeout, not at once"
+    );
+
+    // A client that completes the TLS handshake and then never sends the HTTP/2 preface.
+    let ca = std::fs::read_to_string(cp.data_dir.path().join("ca.pem")).unwrap();
+    let tls = steward_proto::transport::client_config(
+        &steward_proto::transport::ServerTrust::CaPem(ca),
+        None,
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut mute = tokio_rustls::TlsConnector::from(tls)
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("the TLS handshake completes");
+    let after_handshake = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        // The server's HTTP/2 SETTINGS arrive, then the connection closes.
+        while let Ok(1..) = mute.read(&mut buf).await {}
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the mute connection is still open after 5 s"
+    );
+    assert!(
+        after_handshake.elapsed() >= Duration::from_millis(900),
+        "closed by the idle deadline, not at once"
+    );
+}
+
+#[test]
+fn control_plane_refuses_a_zero_or_malformed_timeout_and_names_the_flag() {
+    for (flag, value, says) in [
+        ("--grpc-idle-timeout", "0s", "must be longer than zero"),
+        (
+            "--tls-handshake-timeout",
+            "soon",
+            "expected a duration such as 10s",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(binary("steward-control-plane"))
+            .args(["--data-dir", dir.path().to_str().unwrap(), flag, value])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("invalid value '{value}' for '{flag}"))
+                && stderr.contains(says),
+            "{stderr}"
+        );
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "nothing is created before the flags are accepted"
+        );
+    }
 }
 
 #[test]

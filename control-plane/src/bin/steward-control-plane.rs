@@ -38,15 +38,23 @@ struct Args {
     )]
     server_names: Vec<String>,
     /// End a session (node unavailable) after this long without a message from its agent.
-    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "15s", value_parser = positive_duration)]
     heartbeat_timeout: Duration,
     /// Lifetime of agent client certificates; agents renew at two thirds.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "24h", value_parser = positive_duration)]
     agent_certificate_ttl: Duration,
     /// How long one rollout step may take (pull, verify, load, probe) before the rollout
     /// rolls back.
-    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
-    rollout_step_timeout: std::time::Duration,
+    #[arg(long, default_value = "30m", value_parser = positive_duration)]
+    rollout_step_timeout: Duration,
+    /// Close a gRPC connection that has not finished its TLS handshake after this long.
+    #[arg(long, default_value = "10s", value_parser = positive_duration)]
+    tls_handshake_timeout: Duration,
+    /// Close a gRPC connection from which nothing has arrived for this long. The server
+    /// pings idle connections every 30 s and waits 10 s for the answer, so a value under
+    /// 40 s also closes idle clients that are healthy.
+    #[arg(long, default_value = "60s", value_parser = positive_duration)]
+    grpc_idle_timeout: Duration,
     /// Largest model artifact accepted by push or import, in bytes.
     #[arg(long, env = "STEWARD_MAX_ARTIFACT_BYTES", default_value_t = 256 << 30)]
     max_artifact_bytes: u64,
@@ -105,6 +113,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     config.fleet.agent_certificate_ttl = args.agent_certificate_ttl;
     config.registry.max_artifact_bytes = args.max_artifact_bytes;
     config.rollout_step_timeout = args.rollout_step_timeout;
+    config.tls_handshake_timeout = args.tls_handshake_timeout;
+    config.grpc_idle_timeout = args.grpc_idle_timeout;
     steward_control_plane::run(config, listeners, shutdown_signal(), |cp| {
         if let Some(credential) = &cp.bootstrap_admin_credential {
             // Printed once, on stdout, and never stored in plain text.
@@ -117,6 +127,16 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+/// A duration such as `10s` or `1m 30s`; zero is refused, since every duration flag here is a
+/// timeout or a lifetime that would end things at once.
+fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e} (expected a duration such as 10s, 5m or 1h)")),
+    }
 }
 
 async fn shutdown_signal() {
@@ -138,4 +158,34 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        let args = Args::parse_from(["steward-control-plane"]);
+        let config = Config::new(&args.data_dir);
+        assert_eq!(args.heartbeat_timeout, config.heartbeat_timeout);
+        assert_eq!(args.rollout_step_timeout, config.rollout_step_timeout);
+        assert_eq!(args.tls_handshake_timeout, config.tls_handshake_timeout);
+        assert_eq!(args.grpc_idle_timeout, config.grpc_idle_timeout);
+        assert_eq!(
+            args.agent_certificate_ttl,
+            config.fleet.agent_certificate_ttl
+        );
+    }
+
+    #[test]
+    fn durations_must_be_positive_and_well_formed() {
+        assert_eq!(positive_duration("1m 30s"), Ok(Duration::from_secs(90)));
+        assert_eq!(
+            positive_duration("0s"),
+            Err("must be longer than zero".into())
+        );
+        let bad = positive_duration("soon").unwrap_err();
+        assert!(bad.contains("expected a duration such as 10s"), "{bad}");
+    }
 }
