@@ -507,3 +507,47 @@ pub fn init_logging() {
         .with_test_writer()
         .try_init();
 }
+
+/// Completes a TLS handshake with the gRPC server at `addr` and then sends nothing, not even
+/// the HTTP/2 preface. Returns how long after the handshake the server closed the
+/// connection, or `None` if it was still open after `within`.
+pub async fn time_until_a_mute_tls_client_is_closed(
+    addr: &str,
+    ca_pem: &str,
+    within: Duration,
+) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let tls = client_config(&ServerTrust::CaPem(ca_pem.to_owned()), None).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut mute = tokio_rustls::TlsConnector::from(tls)
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .expect("the TLS handshake completes");
+    let after_handshake = Instant::now();
+    tokio::time::timeout(within, async {
+        let mut buf = [0u8; 256];
+        // The server's HTTP/2 SETTINGS arrive, then the connection closes.
+        while let Ok(1..) = mute.read(&mut buf).await {}
+    })
+    .await
+    .ok()
+    .map(|()| after_handshake.elapsed())
+}
+
+/// Waits for the server to close `stream` without answering; panics, naming `what`, if the
+/// connection is still open after `within` or if bytes arrive.
+pub async fn expect_closed_unanswered(
+    stream: &mut tokio::net::TcpStream,
+    what: &str,
+    within: Duration,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(within, stream.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("the {what} connection is still open after {within:?}"));
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "the {what} connection is closed, not answered: {read:?}"
+    );
+}

@@ -238,7 +238,6 @@ fn the_control_plane_runs_with_the_rep_movsb_threshold_raised_where_glibc_is_slo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_closes_silent_connections_after_the_timeouts_its_flags_set() {
-    use tokio::io::AsyncReadExt;
     // Both well below the defaults (10 s and 60 s), so only the flags can close these in time.
     let cp = start_control_plane_with(
         &[],
@@ -253,14 +252,7 @@ async fn the_control_plane_closes_silent_connections_after_the_timeouts_its_flag
     // A client that connects and never starts the TLS handshake.
     let started = Instant::now();
     let mut silent = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
-        .await
-        .expect("the silent connection is still open after 5 s");
-    assert!(
-        matches!(read, Ok(0) | Err(_)),
-        "closed, not answered: {read:?}"
-    );
+    steward_tests::expect_closed_unanswered(&mut silent, "silent", Duration::from_secs(5)).await;
     assert!(
         started.elapsed() >= Duration::from_millis(250),
         "closed by the handshake timeout, not at once"
@@ -268,28 +260,12 @@ async fn the_control_plane_closes_silent_connections_after_the_timeouts_its_flag
 
     // A client that completes the TLS handshake and then never sends the HTTP/2 preface.
     let ca = std::fs::read_to_string(cp.data_dir.path().join("ca.pem")).unwrap();
-    let tls = steward_proto::transport::client_config(
-        &steward_proto::transport::ServerTrust::CaPem(ca),
-        None,
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let mut mute = tokio_rustls::TlsConnector::from(tls)
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .expect("the TLS handshake completes");
-    let after_handshake = Instant::now();
-    let closed = tokio::time::timeout(Duration::from_secs(5), async {
-        // The server's HTTP/2 SETTINGS arrive, then the connection closes.
-        while let Ok(1..) = mute.read(&mut buf).await {}
-    })
-    .await;
+    let closed_after =
+        steward_tests::time_until_a_mute_tls_client_is_closed(&addr, &ca, Duration::from_secs(5))
+            .await
+            .expect("the mute connection is still open after 5 s");
     assert!(
-        closed.is_ok(),
-        "the mute connection is still open after 5 s"
-    );
-    assert!(
-        after_handshake.elapsed() >= Duration::from_millis(900),
+        closed_after >= Duration::from_millis(900),
         "closed by the idle deadline, not at once"
     );
 }

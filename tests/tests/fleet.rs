@@ -437,7 +437,7 @@ async fn calls_without_the_right_credentials_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_and_stalled_grpc_connections_are_closed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     init_logging();
     let db = TestDb::new(Backend::Sqlite).await;
     let cp = TestControlPlane::start_with(&db, |config| {
@@ -456,14 +456,7 @@ async fn silent_and_stalled_grpc_connections_are_closed() {
         .await
         .unwrap();
     for (what, stream) in [("silent", &mut silent), ("stalled", &mut stalled)] {
-        let mut buf = [0u8; 64];
-        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("the {what} connection is still open after 10 s"));
-        assert!(
-            matches!(read, Ok(0) | Err(_)),
-            "the {what} connection is closed, not answered: {read:?}"
-        );
+        steward_tests::expect_closed_unanswered(stream, what, Duration::from_secs(10)).await;
     }
     assert!(
         started.elapsed() >= Duration::from_millis(400),
@@ -471,29 +464,15 @@ async fn silent_and_stalled_grpc_connections_are_closed() {
     );
     // A third completes the TLS handshake (asking for HTTP/2) and then never sends the
     // HTTP/2 preface: hyper has no deadline for it, the idle deadline closes it.
-    let tls = steward_proto::transport::client_config(
-        &steward_proto::transport::ServerTrust::CaPem(cp.ca_pem.clone()),
-        None,
+    let closed_after = steward_tests::time_until_a_mute_tls_client_is_closed(
+        &addr.to_string(),
+        &cp.ca_pem,
+        Duration::from_secs(10),
     )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let mut mute = tokio_rustls::TlsConnector::from(tls)
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .expect("the TLS handshake completes");
-    let after_handshake = Instant::now();
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        let mut buf = [0u8; 256];
-        // The server's HTTP/2 SETTINGS arrive, then the connection closes.
-        while let Ok(1..) = mute.read(&mut buf).await {}
-    })
-    .await;
+    .await
+    .expect("a connection that never sends the HTTP/2 preface stays open");
     assert!(
-        closed.is_ok(),
-        "a connection that never sends the HTTP/2 preface stays open"
-    );
-    assert!(
-        after_handshake.elapsed() >= Duration::from_millis(900),
+        closed_after >= Duration::from_millis(900),
         "closed by the idle deadline, not at once"
     );
     // Well-behaved clients are served as before.
