@@ -539,6 +539,104 @@ fn limits_can_be_tightened_and_the_allow_list_replaced() {
 // ---------------------------------------------------------------------------------------------
 // Truncation.
 
+/// The reader checks strings in place where they lie whole in its buffer and reads them
+/// piece by piece where they straddle its end; either way a file gets the same verdict, the
+/// same error at the same offset.
+#[test]
+fn every_verdict_is_the_same_whatever_the_reader_buffers() {
+    let long_token = "t".repeat(300);
+    let vocabulary: Vec<String> = (0..2000)
+        .map(|i| match i % 3 {
+            0 => format!("tok{i}"),
+            1 => format!("é{i}ß"),
+            _ => long_token.clone(),
+        })
+        .collect();
+    let big_vocabulary = minimal()
+        .kv_string_array("tokenizer.ggml.tokens", &vocabulary)
+        .to_bytes();
+    let bad_late_token = {
+        let mut bytes = big_vocabulary.clone();
+        let at = string_at(&bytes, "tok1500") + 8;
+        bytes[at] = 0xff;
+        bytes
+    };
+    let long_late_token = {
+        let mut bytes = big_vocabulary.clone();
+        let at = string_at(&bytes, "tok1899");
+        put_u64(&mut bytes, at, 2 << 30);
+        bytes
+    };
+    let files: [(&str, Vec<u8>, fn(&Result<GgufFacts, GgufError>) -> bool); 9] = [
+        ("tiny llama", tiny_llama_bytes(), |r| r.is_ok()),
+        ("a 2000-token vocabulary", big_vocabulary.clone(), |r| {
+            r.is_ok()
+        }),
+        (
+            "token 1500 not UTF-8",
+            bad_late_token.clone(),
+            |r| matches!(r, Err(GgufError::InvalidUtf8 { what, .. }) if what.contains("element 1500 ")),
+        ),
+        (
+            "token 1899 too long",
+            long_late_token.clone(),
+            |r| matches!(r, Err(GgufError::StringTooLong { what, .. }) if what.contains("element 1899 ")),
+        ),
+        (
+            "the vocabulary cut short",
+            big_vocabulary[..big_vocabulary.len() / 2].to_vec(),
+            |r| matches!(r, Err(GgufError::Truncated { .. })),
+        ),
+        (
+            "token 2 not UTF-8",
+            invalid_utf8_array_element(),
+            |r| matches!(r, Err(GgufError::InvalidUtf8 { what, .. }) if what.contains("element 2 ")),
+        ),
+        ("a huge array", huge_array_length(), |r| {
+            matches!(r, Err(GgufError::TooMany { .. }))
+        }),
+        (
+            "more tokens than the file holds",
+            {
+                patched(|b| {
+                    let at = value_type_at(b, "tokenizer.ggml.tokens") + 8;
+                    put_u64(b, at, 1_000_000);
+                })
+            },
+            |r| matches!(r, Err(GgufError::Truncated { .. })),
+        ),
+        (
+            "cut in the tensor infos",
+            truncated_in_tensor_infos(),
+            |r| matches!(r, Err(GgufError::Truncated { .. })),
+        ),
+    ];
+    for (what, bytes, expected) in &files {
+        let whole = check(bytes);
+        assert!(expected(&whole), "{what}: {whole:?}");
+        let want = format!("{whole:?}");
+        for capacity in [1, 2, 7, 8, 9, 13, 64, 301, 4096, 1 << 20] {
+            let reader = std::io::BufReader::with_capacity(capacity, &bytes[..]);
+            let got = format!(
+                "{:?}",
+                inspect(reader, bytes.len() as u64, &Limits::default())
+            );
+            assert_eq!(got, want, "{what}, read through a {capacity}-byte buffer");
+        }
+    }
+    // The errors name where the bad token starts.
+    for (bytes, token) in [(&bad_late_token, "tok1500"), (&long_late_token, "tok1899")] {
+        let e = check(bytes).unwrap_err();
+        let at = string_at(&big_vocabulary, token) as u64;
+        match e {
+            GgufError::InvalidUtf8 { offset, .. } | GgufError::StringTooLong { offset, .. } => {
+                assert_eq!(offset, at, "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
 #[test]
 fn every_prefix_of_a_valid_file_is_refused_without_panicking() {
     let bytes = tiny_llama_bytes();

@@ -192,11 +192,12 @@ pub fn inspect_file(path: &Path, limits: &Limits) -> Result<GgufFacts, GgufError
     inspect(BufReader::with_capacity(1 << 20, file), len, limits)
 }
 
-/// Same as [`inspect_file`] over any reader positioned at the start of the file, with the
-/// file's total length (for fuzzing and in-memory tests). A reader that ends before
-/// `total_len` is treated as a truncated file.
+/// Same as [`inspect_file`] over any buffered reader positioned at the start of the file (a
+/// byte slice, a `BufReader`, chunks as they stream in), with the file's total length. A
+/// reader that ends before `total_len` is treated as a truncated file. Strings are checked
+/// in the reader's buffer where they lie whole in it, so a larger buffer parses faster.
 pub fn inspect(
-    reader: impl std::io::Read,
+    reader: impl std::io::BufRead,
     total_len: u64,
     limits: &Limits,
 ) -> Result<GgufFacts, GgufError> {

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::io::{self, Read};
+use std::io::{self, BufRead};
 
 use super::types::{GgmlType, value_type};
 use super::{DEFAULT_ALIGNMENT, GgufError, Limits, MAX_ALIGNMENT, MAX_TENSOR_NAME_LEN};
@@ -102,7 +102,7 @@ struct Source<R> {
     scratch: Vec<u8>,
 }
 
-impl<R: Read> Source<R> {
+impl<R: BufRead> Source<R> {
     fn remaining(&self) -> u64 {
         self.total_len.saturating_sub(self.offset)
     }
@@ -147,12 +147,24 @@ impl<R: Read> Source<R> {
         self.bytes(what).map(u64::from_le_bytes)
     }
 
+    /// Steps over `n` bytes in the reader's buffer, without copying them anywhere.
     fn skip(&mut self, n: u64, what: Item<'_>) -> Result<(), GgufError> {
         self.ensure(n, what)?;
-        let copied = io::copy(&mut (&mut self.inner).take(n), &mut io::sink())?;
-        if copied < n {
-            self.offset += copied;
-            return Err(self.truncated(what));
+        let mut left = n;
+        while left > 0 {
+            let available = match self.inner.fill_buf() {
+                Ok(buf) => buf.len(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(GgufError::Io(e)),
+            };
+            if available == 0 {
+                self.offset += n - left;
+                return Err(self.truncated(what));
+            }
+            let take = left.min(available as u64);
+            // `take` is at most `available`, a `usize`.
+            self.inner.consume(take as usize);
+            left -= take;
         }
         self.offset += n;
         Ok(())
@@ -190,6 +202,48 @@ impl<R: Read> Source<R> {
         })
     }
 
+    /// Checks up to `count` string array elements that lie whole in the reader's buffer,
+    /// straight from the buffer: a vocabulary is hundreds of thousands of short strings, and
+    /// reading each one's length and bytes separately cost more than the rest of the
+    /// pre-parse. Stops early, leaving the element for [`Self::string_len`] and
+    /// [`Self::string_body`] to read (and report, if it is bad), at the buffer's end and at
+    /// an element that is too long, past the file's announced length or not UTF-8. Returns
+    /// how many elements it checked.
+    fn buffered_strings(&mut self, count: u64, limit: u64) -> Result<u64, GgufError> {
+        let left_in_file = self.remaining();
+        let buf = loop {
+            match self.inner.fill_buf() {
+                Ok(buf) => break buf,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(GgufError::Io(e)),
+            }
+        };
+        let (mut pos, mut checked) = (0usize, 0u64);
+        while checked < count {
+            let Some(len) = buf.get(pos..pos + 8) else {
+                break;
+            };
+            let len = u64::from_le_bytes(len.try_into().expect("eight bytes"));
+            if len > limit {
+                break;
+            }
+            let end = (pos as u64 + 8).saturating_add(len);
+            if end > buf.len() as u64 || end > left_in_file {
+                break;
+            }
+            // Within the buffer, so it fits a `usize`.
+            let end = end as usize;
+            if std::str::from_utf8(&buf[pos + 8..end]).is_err() {
+                break;
+            }
+            pos = end;
+            checked += 1;
+        }
+        self.inner.consume(pos);
+        self.offset += pos as u64;
+        Ok(checked)
+    }
+
     fn string(&mut self, limit: u64, what: Item<'_>) -> Result<String, GgufError> {
         let (at, len) = self.string_len(limit, what)?;
         self.string_body(at, len, what).map(str::to_owned)
@@ -202,7 +256,7 @@ pub(super) fn is_chat_template(key: &str) -> bool {
 }
 
 pub(super) fn read_header(
-    reader: impl Read,
+    reader: impl BufRead,
     total_len: u64,
     limits: &Limits,
 ) -> Result<Header, GgufError> {
@@ -346,7 +400,7 @@ fn alignment(entries: &HashMap<String, Entry>) -> Result<u64, GgufError> {
     }
 }
 
-fn read_value<R: Read>(
+fn read_value<R: BufRead>(
     src: &mut Source<R>,
     key: &str,
     type_id: u32,
@@ -405,7 +459,7 @@ fn read_value<R: Read>(
     })
 }
 
-fn read_array<R: Read>(
+fn read_array<R: BufRead>(
     src: &mut Source<R>,
     key: &str,
     limits: &Limits,
@@ -439,17 +493,24 @@ fn read_array<R: Read>(
             // Each element is at least its 8-byte length: refuse a count the file cannot hold
             // before looping over it.
             src.ensure(len.saturating_mul(8), what)?;
-            for index in 0..len {
+            let mut index = 0;
+            while index < len {
+                index += src.buffered_strings(len - index, limits.max_string_len)?;
+                if index == len {
+                    break;
+                }
+                // An element across the end of the buffer, or one to refuse.
                 let item = Item::ArrayElement { key, index };
                 let (at, n) = src.string_len(limits.max_string_len, item)?;
                 src.string_body(at, n, item)?;
+                index += 1;
             }
         }
     }
     Ok(Value::Array { elem_type, len })
 }
 
-fn read_tensor_info<R: Read>(
+fn read_tensor_info<R: BufRead>(
     src: &mut Source<R>,
     name: String,
     alignment: u64,

@@ -64,16 +64,28 @@ struct ChunkReader {
 
 impl std::io::Read for ChunkReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let current = std::io::BufRead::fill_buf(self)?;
+        let n = buf.len().min(current.len());
+        buf[..n].copy_from_slice(&current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+/// The chunk being parsed is the buffer: the parser reads from it in place.
+impl std::io::BufRead for ChunkReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
         while self.current.is_empty() {
             match self.chunks.blocking_recv() {
                 Some(chunk) => self.current = chunk,
-                None => return Ok(0),
+                None => break,
             }
         }
-        let n = buf.len().min(self.current.len());
-        buf[..n].copy_from_slice(&self.current[..n]);
+        Ok(&self.current)
+    }
+
+    fn consume(&mut self, n: usize) {
         self.current.advance(n);
-        Ok(n)
     }
 }
 
