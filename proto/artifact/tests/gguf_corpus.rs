@@ -567,7 +567,8 @@ fn every_verdict_is_the_same_whatever_the_reader_buffers() {
         put_u64(&mut bytes, at, 2 << 30);
         bytes
     };
-    let files: [(&str, Vec<u8>, fn(&Result<GgufFacts, GgufError>) -> bool); 9] = [
+    type Verdict = fn(&Result<GgufFacts, GgufError>) -> bool;
+    let files: [(&str, Vec<u8>, Verdict); 9] = [
         ("tiny llama", tiny_llama_bytes(), |r| r.is_ok()),
         ("a 2000-token vocabulary", big_vocabulary.clone(), |r| {
             r.is_ok()
