@@ -147,16 +147,25 @@ impl<R: BufRead> Source<R> {
         self.bytes(what).map(u64::from_le_bytes)
     }
 
+    /// The bytes in the reader's buffer, read in first if it is empty; empty at the end.
+    fn buffered(&mut self) -> Result<&[u8], GgufError> {
+        loop {
+            match self.inner.fill_buf() {
+                // Asked again to return it: returning the first answer from inside the loop
+                // does not borrow-check. With bytes buffered the second call reads nothing.
+                Ok(_) => return Ok(self.inner.fill_buf()?),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(GgufError::Io(e)),
+            }
+        }
+    }
+
     /// Steps over `n` bytes in the reader's buffer, without copying them anywhere.
     fn skip(&mut self, n: u64, what: Item<'_>) -> Result<(), GgufError> {
         self.ensure(n, what)?;
         let mut left = n;
         while left > 0 {
-            let available = match self.inner.fill_buf() {
-                Ok(buf) => buf.len(),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(GgufError::Io(e)),
-            };
+            let available = self.buffered()?.len();
             if available == 0 {
                 self.offset += n - left;
                 return Err(self.truncated(what));
@@ -211,13 +220,7 @@ impl<R: BufRead> Source<R> {
     /// how many elements it checked.
     fn buffered_strings(&mut self, count: u64, limit: u64) -> Result<u64, GgufError> {
         let left_in_file = self.remaining();
-        let buf = loop {
-            match self.inner.fill_buf() {
-                Ok(buf) => break buf,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(GgufError::Io(e)),
-            }
-        };
+        let buf = self.buffered()?;
         let (mut pos, mut checked) = (0usize, 0u64);
         while checked < count {
             let Some(len) = buf.get(pos..pos + 8) else {
