@@ -3,33 +3,25 @@
 
 use std::io::Read;
 
-/// Reads a file into chunks of a fixed size. A chunk's buffer is reused once everything
-/// that was handed it (tonic encodes it and drops the message) has let go, so a transfer
-/// cycles through a few warm buffers instead of faulting in and zeroing a new one per chunk.
+/// Reads a file into chunks of a fixed size, each in a [`ChunkBuffers`] buffer.
 pub struct FileChunks<R> {
     source: R,
-    size: usize,
-    sent: std::collections::VecDeque<bytes::Bytes>,
+    buffers: ChunkBuffers,
 }
-
-/// How many sent chunks are remembered for reuse; older ones still held are let go.
-const REMEMBERED: usize = 16;
 
 impl<R: Read> FileChunks<R> {
     pub fn new(source: R, size: usize) -> Self {
-        assert!(size > 0, "chunk size must be positive");
         Self {
             source,
-            size,
-            sent: std::collections::VecDeque::new(),
+            buffers: ChunkBuffers::new(size),
         }
     }
 
     /// The next chunk: `size` bytes, fewer only at the end; `None` once the source is done.
     pub fn next_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
-        let mut buf = self.buffer();
+        let mut buf = self.buffers.take();
         let mut filled = 0;
-        while filled < self.size {
+        while filled < buf.len() {
             match self.source.read(&mut buf[filled..]) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
@@ -40,16 +32,32 @@ impl<R: Read> FileChunks<R> {
         if filled == 0 {
             return Ok(None);
         }
-        buf.truncate(filled);
-        let chunk = buf.freeze();
-        self.sent.push_back(chunk.clone());
-        if self.sent.len() > REMEMBERED {
-            self.sent.pop_front();
+        Ok(Some(self.buffers.hand_out(buf, filled)))
+    }
+}
+
+/// Buffers of a fixed size for chunks. A chunk's buffer is reused once everything that was
+/// handed it (tonic encodes it and drops the message) has let go, so a transfer cycles
+/// through a few warm buffers instead of faulting in and zeroing a new one per chunk.
+pub struct ChunkBuffers {
+    size: usize,
+    sent: std::collections::VecDeque<bytes::Bytes>,
+}
+
+/// How many sent chunks are remembered for reuse; older ones still held are let go.
+const REMEMBERED: usize = 16;
+
+impl ChunkBuffers {
+    pub fn new(size: usize) -> Self {
+        assert!(size > 0, "chunk size must be positive");
+        Self {
+            size,
+            sent: std::collections::VecDeque::new(),
         }
-        Ok(Some(chunk))
     }
 
-    fn buffer(&mut self) -> bytes::BytesMut {
+    /// A buffer of `size` bytes to fill: a released one if there is one, else a new one.
+    pub fn take(&mut self) -> bytes::BytesMut {
         let mut buf = match self.sent.pop_front().map(bytes::Bytes::try_into_mut) {
             Some(Ok(reused)) => reused,
             Some(Err(still_held)) => {
@@ -60,6 +68,17 @@ impl<R: Read> FileChunks<R> {
         };
         buf.resize(self.size, 0);
         buf
+    }
+
+    /// The first `filled` bytes of `buf` as a chunk, remembered so its buffer comes back.
+    pub fn hand_out(&mut self, mut buf: bytes::BytesMut, filled: usize) -> bytes::Bytes {
+        buf.truncate(filled);
+        let chunk = buf.freeze();
+        self.sent.push_back(chunk.clone());
+        if self.sent.len() > REMEMBERED {
+            self.sent.pop_front();
+        }
+        chunk
     }
 }
 

@@ -13,6 +13,7 @@
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`cli`]: the `steward` admin CLI.
 
+pub mod artifact_stream;
 pub mod audit_export;
 pub mod blobs;
 pub mod cli;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use steward_proto::agent::v1::agent_service_server::AgentService;
 use steward_proto::agent::v1::{
     AgentMessage, ArtifactChunk, ControlMessage, EnrollRequest, EnrollResponse,
@@ -27,8 +28,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
 const OUTBOUND_QUEUE: usize = 32;
 /// Bytes per artifact chunk sent to an agent.
 const ARTIFACT_CHUNK: usize = 1 << 20;
-/// Chunks read ahead of the network per download.
-const ARTIFACT_READ_AHEAD: usize = 4;
 
 #[derive(Debug)]
 pub struct AgentApi {
@@ -131,7 +130,9 @@ impl AgentService for AgentApi {
         }))
     }
 
-    type FetchArtifactStream = ReceiverStream<Result<ArtifactChunk, Status>>;
+    type FetchArtifactStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<ArtifactChunk, Status>> + Send + 'static>,
+    >;
 
     async fn fetch_artifact(
         &self,
@@ -167,51 +168,30 @@ impl AgentService for AgentApi {
         let digest = steward_artifact::digest::Sha256Hex::parse(&digest)
             .ok_or_else(|| Status::internal(format!("stored digest `{digest}` is malformed")))?;
         let path = self.registry.blobs.path_of(&digest);
-        let (tx, rx) = mpsc::channel(ARTIFACT_READ_AHEAD);
+        let opened = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || std::fs::File::open(path)).await
+        };
+        let file = match opened {
+            Ok(Ok(file)) => file,
+            Ok(Err(e)) => return Err(unreadable(&path, &e)),
+            Err(e) => return Err(unreadable(&path, &std::io::Error::other(e))),
+        };
         tracing::info!(node = %node.name, %digest, offset, "sending artifact");
         let sent = self.fleet.metrics.artifact_bytes_sent.clone();
-        tokio::task::spawn_blocking(move || send_artifact(&path, offset, &tx, &sent));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let chunks = crate::artifact_stream::ArtifactStream::new(file, offset, ARTIFACT_CHUNK);
+        Ok(Response::new(Box::pin(chunks.map(move |chunk| {
+            let (offset, data) = chunk.map_err(|e| unreadable(&path, &e))?;
+            sent.inc_by(data.len() as u64);
+            Ok(ArtifactChunk { offset, data })
+        }))))
     }
 }
 
-/// Reads `path` from `offset` to its end into chunks on a blocking thread; stops early when
-/// the agent goes away. The file is streamed from disk, never held whole in memory.
-fn send_artifact(
-    path: &std::path::Path,
-    mut offset: u64,
-    tx: &mpsc::Sender<Result<ArtifactChunk, Status>>,
-    sent: &prometheus_client::metrics::counter::Counter,
-) {
-    use std::io::{Seek, SeekFrom};
-    let fail = |e: std::io::Error| {
-        tracing::error!(path = %path.display(), error = %e, "reading an artifact failed");
-        let _ = tx.blocking_send(Err(Status::internal(format!(
-            "reading the artifact failed: {e}"
-        ))));
-    };
-    let mut file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) => return fail(e),
-    };
-    if let Err(e) = file.seek(SeekFrom::Start(offset)) {
-        return fail(e);
-    }
-    let mut chunks = crate::file_chunks::FileChunks::new(file, ARTIFACT_CHUNK);
-    loop {
-        let data = match chunks.next_chunk() {
-            Ok(Some(data)) => data,
-            Ok(None) => return,
-            Err(e) => return fail(e),
-        };
-        let filled = data.len() as u64;
-        let chunk = ArtifactChunk { offset, data };
-        offset += filled;
-        if tx.blocking_send(Ok(chunk)).is_err() {
-            return;
-        }
-        sent.inc_by(filled);
-    }
+/// The error an agent gets when an artifact's blob cannot be read; logged here.
+fn unreadable(path: &std::path::Path, e: &std::io::Error) -> Status {
+    tracing::error!(path = %path.display(), error = %e, "reading an artifact failed");
+    Status::internal(format!("reading the artifact failed: {e}"))
 }
 
 /// Drives one agent session until the agent leaves, goes silent, or is replaced.
