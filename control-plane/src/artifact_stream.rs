@@ -57,7 +57,8 @@ impl ArtifactStream {
     }
 
     /// How many reads were made on a blocking thread.
-    pub fn reads_off_thread(&self) -> u64 {
+    #[cfg(test)]
+    fn reads_off_thread(&self) -> u64 {
         self.off_thread
     }
 

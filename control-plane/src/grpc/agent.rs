@@ -168,15 +168,13 @@ impl AgentService for AgentApi {
         let digest = steward_artifact::digest::Sha256Hex::parse(&digest)
             .ok_or_else(|| Status::internal(format!("stored digest `{digest}` is malformed")))?;
         let path = self.registry.blobs.path_of(&digest);
-        let opened = {
+        let file = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || std::fs::File::open(path)).await
-        };
-        let file = match opened {
-            Ok(Ok(file)) => file,
-            Ok(Err(e)) => return Err(unreadable(&path, &e)),
-            Err(e) => return Err(unreadable(&path, &std::io::Error::other(e))),
-        };
+        }
+        .map_err(std::io::Error::other)
+        .flatten()
+        .map_err(|e| unreadable(&path, &e))?;
         tracing::info!(node = %node.name, %digest, offset, "sending artifact");
         let sent = self.fleet.metrics.artifact_bytes_sent.clone();
         let chunks = crate::artifact_stream::ArtifactStream::new(file, offset, ARTIFACT_CHUNK);
