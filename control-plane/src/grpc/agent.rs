@@ -173,7 +173,7 @@ impl AgentService for AgentApi {
             tokio::task::spawn_blocking(move || std::fs::File::open(path)).await
         }
         .map_err(std::io::Error::other)
-        .flatten()
+        .and_then(|opened| opened)
         .map_err(|e| unreadable(&path, &e))?;
         tracing::info!(node = %node.name, %digest, offset, "sending artifact");
         let sent = self.fleet.metrics.artifact_bytes_sent.clone();
