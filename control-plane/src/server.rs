@@ -14,7 +14,6 @@ use steward_proto::admin::v1::audit_service_server::AuditServiceServer;
 use steward_proto::admin::v1::deployment_service_server::DeploymentServiceServer;
 use steward_proto::admin::v1::model_service_server::ModelServiceServer;
 use steward_proto::admin::v1::trust_service_server::TrustServiceServer;
-use steward_proto::agent::v1::agent_service_server::AgentServiceServer;
 use steward_proto::enrollment::{AdminCredential, hash_secret};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -24,6 +23,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use crate::blobs::BlobStore;
 use crate::deployments::Deployments;
 use crate::fleet::{Actor, Fleet, FleetSettings, audit, now_unix};
+use crate::grpc::artifact_download::AgentServiceWithDownloads;
 use crate::grpc::deployments::DeploymentApi;
 use crate::grpc::models::{AuditApi, ModelApi, TrustApi};
 use crate::grpc::{admin::AdminApi, agent::AgentApi};
@@ -191,7 +191,7 @@ impl ControlPlane {
             .max_frame_size(MAX_FRAME)
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .add_service(AgentServiceServer::new(AgentApi::new(
+            .add_service(AgentServiceWithDownloads::new(AgentApi::new(
                 fleet.clone(),
                 registry.clone(),
                 deployments.clone(),

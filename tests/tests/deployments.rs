@@ -862,6 +862,80 @@ async fn corrupted_bytes_are_discarded_and_fetched_again() {
     w.stop(db).await;
 }
 
+/// Every chunk of a download from `offset`, or the status that refused or ended it.
+async fn download(
+    channel: tonic::transport::Channel,
+    digest: &str,
+    offset: u64,
+) -> Result<Vec<(u64, Vec<u8>)>, tonic::Status> {
+    use steward_proto::agent::v1::FetchArtifactRequest;
+    use steward_proto::agent::v1::agent_service_client::AgentServiceClient;
+    let mut client = AgentServiceClient::new(channel);
+    let request = FetchArtifactRequest {
+        digest: digest.to_owned(),
+        offset,
+    };
+    let mut stream = client.fetch_artifact(request).await?.into_inner();
+    let mut chunks = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        chunks.push((chunk.offset, chunk.data.to_vec()));
+    }
+    Ok(chunks)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_download_serves_only_an_assigned_artifact_from_an_offset_within_it() {
+    use steward_node_agent::identity::{FileIdentityStore, IdentityStore};
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    w.create("chat", "tiny-chat@1", "*").await.unwrap();
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
+        .await;
+    let source = std::fs::read(w.cached_file()).unwrap();
+    let (digest, size) = (&w.model.digest, source.len() as u64);
+    let identity = FileIdentityStore::new(&w.agent_dir)
+        .load()
+        .unwrap()
+        .expect("the agent enrolled");
+    let node = || identity.channel(&w.cp.endpoint, Default::default());
+
+    // From an offset inside the artifact: its tail, in order, with each chunk's offset.
+    let from = size - 1000;
+    let chunks = download(node().await.unwrap(), digest, from).await.unwrap();
+    let mut at = from;
+    for (offset, data) in &chunks {
+        assert_eq!(*offset, at, "chunks arrive in order");
+        at += data.len() as u64;
+    }
+    let tail: Vec<u8> = chunks.into_iter().flat_map(|(_, data)| data).collect();
+    assert_eq!(tail, source[from as usize..]);
+    // From the end: nothing, and no error.
+    let at_end = download(node().await.unwrap(), digest, size).await.unwrap();
+    assert!(at_end.is_empty());
+
+    let past = download(node().await.unwrap(), digest, size + 1)
+        .await
+        .unwrap_err();
+    assert_eq!(past.code(), tonic::Code::OutOfRange);
+    assert!(past.message().contains("past the end"), "{past:?}");
+
+    let other = "ab".repeat(32);
+    let unassigned = download(node().await.unwrap(), &other, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(unassigned.code(), tonic::Code::PermissionDenied);
+    assert!(
+        unassigned.message().contains("not assigned"),
+        "{unassigned:?}"
+    );
+
+    let anonymous = download(w.cp.anonymous_channel().await, digest, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    w.stop(db).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pull_resumes_from_the_bytes_already_received() {
     let db = TestDb::new(Backend::Sqlite).await;

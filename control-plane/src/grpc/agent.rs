@@ -138,6 +138,21 @@ impl AgentService for AgentApi {
         &self,
         request: Request<FetchArtifactRequest>,
     ) -> Result<Response<Self::FetchArtifactStream>, Status> {
+        let chunks = self.open_download(request).await?;
+        Ok(Response::new(Box::pin(chunks.map(|chunk| {
+            chunk.map(|(offset, data)| ArtifactChunk { offset, data })
+        }))))
+    }
+}
+
+impl AgentApi {
+    /// Checks that the calling node may download the artifact (assigned to it, not revoked,
+    /// offset within it) and streams its chunks from `offset` on. Served by
+    /// [`super::artifact_download`] and, for the same wire format, by tonic's handler.
+    pub(super) async fn open_download(
+        &self,
+        request: Request<FetchArtifactRequest>,
+    ) -> Result<super::artifact_download::Chunks, Status> {
         let node_id = self.authenticated_node(&request).await?;
         let FetchArtifactRequest { digest, offset } = request.into_inner();
         let node = self.fleet.require_node(&node_id).await.map_err(status)?;
@@ -178,11 +193,11 @@ impl AgentService for AgentApi {
         tracing::info!(node = %node.name, %digest, offset, "sending artifact");
         let sent = self.fleet.metrics.artifact_bytes_sent.clone();
         let chunks = crate::artifact_stream::ArtifactStream::new(file, offset, ARTIFACT_CHUNK);
-        Ok(Response::new(Box::pin(chunks.map(move |chunk| {
+        Ok(Box::pin(chunks.map(move |chunk| {
             let (offset, data) = chunk.map_err(|e| unreadable(&path, &e))?;
             sent.inc_by(data.len() as u64);
-            Ok(ArtifactChunk { offset, data })
-        }))))
+            Ok((offset, data))
+        })))
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod artifact_download;
 pub mod auth;
 mod convert;
 pub mod deployments;
