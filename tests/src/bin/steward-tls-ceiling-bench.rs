@@ -1,0 +1,195 @@
+//! The ceiling for an artifact pull on this machine: the same bytes over a bare TLS stream,
+//! with none of gRPC, HTTP/2 or the fleet around them.
+//!
+//! One process plays both ends over loopback TCP with the libraries a real pull uses:
+//! rustls with ring (TLS 1.3, AES-256-GCM), a 256 KiB read buffer under the client's TLS as
+//! the agent has, 1 MiB chunks read with `pread` on the server, and on the client a hashing
+//! thread ([`StreamingDigest`]) and a writing thread ([`DirectWriter`], `O_DIRECT` in 8 MiB
+//! blocks) fed the same chunks. Each round times `openssl dgst -sha256` of the page-cached
+//! file, then one transfer from connect to the last byte hashed and written, and prints the
+//! ratio `steward-pull-bench` reports for a single agent (openssl ÷ pull, 1.00 = as fast as
+//! hashing alone) and the CPU the process used for the transfer.
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! target/release/steward-tls-ceiling-bench target/models/gemma3-270m-q4_k_m.gguf [ROUNDS]
+//! ```
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, ensure};
+use bytes::{Bytes, BytesMut};
+use steward_artifact::digest::StreamingDigest;
+use steward_artifact::direct_write::{DirectWriter, aligned_block};
+use steward_tests::bench::{cpu_seconds, openssl_sha256, warm};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::rustls;
+
+const CHUNK: usize = 1 << 20;
+const READ_BUFFER: usize = 256 << 10;
+const BLOCK: usize = 8 << 20;
+const QUEUE: usize = 8;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let file = PathBuf::from(
+        args.first()
+            .context("usage: steward-tls-ceiling-bench MODEL.gguf [ROUNDS, default 5]")?,
+    );
+    let rounds: usize = args
+        .get(1)
+        .map_or(Ok(5), |r| r.parse())
+        .context("rounds must be a number")?;
+    ensure!(file.is_file(), "{} not found", file.display());
+    let size = std::fs::metadata(&file)?.len();
+    warm(&file)?;
+    let (acceptor, connector) = tls_pair()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let source = Arc::new(std::fs::File::open(&file)?);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, source) = (acceptor.clone(), source.clone());
+            tokio::spawn(async move {
+                if let Err(e) = send(acceptor, tcp, &source, size).await {
+                    eprintln!("sending failed: {e:#}");
+                }
+            });
+        }
+    });
+    let work = tempfile::tempdir_in(file.parent().unwrap_or(Path::new(".")))?;
+    println!(
+        "| round | size | openssl dgst s | bare TLS pull s | openssl ÷ pull | CPU s (both ends) |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for round in 1..=rounds {
+        let openssl = openssl_sha256(&file)?.as_secs_f64();
+        let out = work.path().join(format!("round-{round}"));
+        let cpu_before = cpu_seconds(std::process::id())?;
+        let started = Instant::now();
+        let received = receive(&connector, addr, &out).await?;
+        let pull = started.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(std::process::id())? - cpu_before;
+        ensure!(
+            received == size,
+            "received {received} of {size} bytes in round {round}"
+        );
+        std::fs::remove_file(&out)?;
+        println!(
+            "| {round} | {} MB | {openssl:.3} | {pull:.3} | {:.2} | {cpu:.2} |",
+            size / 1_000_000,
+            openssl / pull,
+        );
+    }
+    Ok(())
+}
+
+/// A server and a client configuration that trust each other (a fresh self-signed
+/// certificate for `localhost`), with ring as the crypto provider as in Steward.
+fn tls_pair() -> anyhow::Result<(tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector)> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = rcgen::KeyPair::generate()?;
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])?.self_signed(&key)?;
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.der().clone())?;
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok((
+        tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+        tokio_rustls::TlsConnector::from(Arc::new(client)),
+    ))
+}
+
+/// Sends the whole file in 1 MiB chunks, reusing one buffer.
+async fn send(
+    acceptor: tokio_rustls::TlsAcceptor,
+    tcp: tokio::net::TcpStream,
+    source: &std::fs::File,
+    size: u64,
+) -> anyhow::Result<()> {
+    tcp.set_nodelay(true)?;
+    let mut tls = acceptor.accept(tcp).await?;
+    let mut buf = vec![0; CHUNK];
+    let mut offset = 0;
+    while offset < size {
+        let len = (size - offset).min(CHUNK as u64) as usize;
+        source.read_exact_at(&mut buf[..len], offset)?;
+        tls.write_all(&buf[..len]).await?;
+        offset += len as u64;
+    }
+    tls.shutdown().await?;
+    Ok(())
+}
+
+/// Receives one transfer into `out`, hashing and writing on two threads; returns the bytes
+/// received once both threads are done.
+async fn receive(
+    connector: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+    out: &Path,
+) -> anyhow::Result<u64> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let tcp = tokio::io::BufReader::with_capacity(READ_BUFFER, tcp);
+    let mut tls = connector.connect("localhost".try_into()?, tcp).await?;
+    let (hash_tx, mut hash_rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUE);
+    let (write_tx, mut write_rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUE);
+    let hashing = tokio::task::spawn_blocking(move || {
+        let mut digest = StreamingDigest::new();
+        while let Some(chunk) = hash_rx.blocking_recv() {
+            digest.update(&chunk);
+        }
+        digest
+    });
+    let mut writer = DirectWriter::create_new(out)?;
+    let writing = tokio::task::spawn_blocking(move || {
+        let mut block = aligned_block(BLOCK);
+        while let Some(mut chunk) = write_rx.blocking_recv() {
+            while !chunk.is_empty() {
+                let take = (BLOCK - block.len()).min(chunk.len());
+                block.extend_from_slice(&chunk.split_to(take));
+                if block.len() == BLOCK {
+                    writer.write_block(&block)?;
+                    block.clear();
+                }
+            }
+        }
+        writer.finish(&mut block)
+    });
+    let mut received = 0;
+    loop {
+        let mut chunk = BytesMut::zeroed(CHUNK);
+        let mut filled = 0;
+        while filled < CHUNK {
+            match tls.read(&mut chunk[filled..]).await? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        if filled == 0 {
+            break;
+        }
+        chunk.truncate(filled);
+        let chunk = chunk.freeze();
+        received += chunk.len() as u64;
+        write_tx.send(chunk.clone()).await?;
+        hash_tx.send(chunk).await?;
+    }
+    drop((hash_tx, write_tx));
+    hashing.await?;
+    writing.await??;
+    Ok(received)
+}
