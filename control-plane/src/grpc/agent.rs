@@ -147,8 +147,10 @@ impl AgentService for AgentApi {
 
 impl AgentApi {
     /// Checks that the calling node may download the artifact (assigned to it, not revoked,
-    /// offset within it) and streams its chunks from `offset` on. Served by
-    /// [`super::artifact_download`] and, for the same wire format, by tonic's handler.
+    /// offset within it) and streams its chunks from `offset` on. The server routes
+    /// `FetchArtifact` to [`super::artifact_download`], which sends these chunks without
+    /// tonic's encode copy; the trait method above, which the generated service requires,
+    /// sends the same messages through tonic.
     pub(super) async fn open_download(
         &self,
         request: Request<FetchArtifactRequest>,
