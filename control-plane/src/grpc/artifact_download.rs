@@ -80,11 +80,7 @@ async fn download_response(
     api: &AgentApi,
     request: http::Request<Body>,
 ) -> Result<http::Response<Body>, Status> {
-    if request.headers().contains_key("grpc-encoding") {
-        return Err(Status::unimplemented(
-            "FetchArtifact takes an uncompressed request",
-        ));
-    }
+    refuse_compressed(request.headers())?;
     let (parts, body) = request.into_parts();
     let mut codec = tonic_prost::ProstCodec::<(), FetchArtifactRequest>::default();
     let mut messages = Streaming::new_request(codec.decoder(), body, None, Some(REQUEST_LIMIT));
@@ -101,6 +97,18 @@ async fn download_response(
         http::HeaderValue::from_static("application/grpc"),
     );
     Ok(response)
+}
+
+/// A request compressed with any encoding is refused, as tonic's handler (with no
+/// compression enabled) refuses it; `identity` is no compression.
+fn refuse_compressed(headers: &http::HeaderMap) -> Result<(), Status> {
+    match headers.get("grpc-encoding") {
+        None => Ok(()),
+        Some(encoding) if encoding == "identity" => Ok(()),
+        Some(encoding) => Err(Status::unimplemented(format!(
+            "FetchArtifact takes an uncompressed request, not one encoded with {encoding:?}"
+        ))),
+    }
 }
 
 /// The chunks of one download: `(offset, bytes)` in order, or the error that stopped it.
@@ -223,6 +231,18 @@ mod tests {
             let want = encoded_by_prost(&ArtifactChunk { offset, data });
             assert_eq!(ours, want, "offset {offset}, {len} bytes");
         }
+    }
+
+    #[test]
+    fn only_an_uncompressed_request_is_taken() {
+        let mut headers = http::HeaderMap::new();
+        assert!(refuse_compressed(&headers).is_ok());
+        headers.insert("grpc-encoding", http::HeaderValue::from_static("identity"));
+        assert!(refuse_compressed(&headers).is_ok());
+        headers.insert("grpc-encoding", http::HeaderValue::from_static("gzip"));
+        let refused = refuse_compressed(&headers).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unimplemented);
+        assert!(refused.message().contains("gzip"), "{refused:?}");
     }
 
     #[tokio::test]
