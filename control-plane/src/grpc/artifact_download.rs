@@ -234,6 +234,12 @@ mod tests {
     }
 
     #[test]
+    fn the_intercepted_path_is_the_generated_services_fetch_artifact() {
+        let name = <AgentServiceServer<AgentApi> as NamedService>::NAME;
+        assert_eq!(FETCH_ARTIFACT_PATH, format!("/{name}/FetchArtifact"));
+    }
+
+    #[test]
     fn only_an_uncompressed_request_is_taken() {
         let mut headers = http::HeaderMap::new();
         assert!(refuse_compressed(&headers).is_ok());
