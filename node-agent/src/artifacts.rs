@@ -120,13 +120,16 @@ impl ArtifactCache {
     }
 
     /// Fetches `assignment`'s artifact from where an earlier attempt stopped, then verifies
-    /// and publishes it. `progress(done, total)` is called as bytes arrive.
+    /// and publishes it. `progress(done, total)` is called as bytes arrive. `began` is when
+    /// the attempt began, before `client`'s connection was opened: the log's `pull_ms`
+    /// counts from there.
     pub async fn pull(
         &self,
         client: &mut AgentServiceClient<tonic::transport::Channel>,
         assignment: &ModelAssignment,
         trust: &AgentTrustPolicy,
         progress: &(dyn Fn(u64, u64) + Send + Sync),
+        began: std::time::Instant,
     ) -> Result<PathBuf, ArtifactError> {
         let digest = Sha256Hex::parse(&assignment.digest).ok_or_else(|| {
             ArtifactError::Refused(format!("`{}` is not a sha256 digest", assignment.digest))
@@ -138,6 +141,7 @@ impl ArtifactCache {
         let partial = self.partial_of(digest.as_str());
         let hasher = hash_partial(&partial, total).await?;
         let mut offset = hasher.len();
+        let resumed_at = offset;
         progress(offset, total);
         let writer = PartialWriter::open(&partial, offset).map_err(io(&partial))?;
         let mut sink = ChunkSink::start(writer, hasher);
@@ -212,6 +216,8 @@ impl ArtifactCache {
         tracing::info!(
             %digest,
             bytes = total,
+            resumed_at = resumed_at,
+            pull_ms = began.elapsed().as_millis() as u64,
             received_ms = received.as_millis() as u64,
             drained_ms = drained.as_millis() as u64,
             synced_ms = synced.as_millis() as u64,

@@ -246,6 +246,7 @@ impl Assignments {
         assignment: &ModelAssignment,
         trust: &AgentTrustPolicy,
     ) -> Result<std::path::PathBuf, crate::artifacts::ArtifactError> {
+        let began = std::time::Instant::now();
         let transient =
             |reason: String| crate::artifacts::ArtifactError::Interrupted { at: 0, reason };
         let identity = self
@@ -272,7 +273,7 @@ impl Assignments {
             serving.set_state(&name, &assigned, slot);
         };
         self.cache
-            .pull(&mut client, assignment, trust, &progress)
+            .pull(&mut client, assignment, trust, &progress, began)
             .await
     }
 }
