@@ -216,7 +216,7 @@ impl ArtifactCache {
         tracing::info!(
             %digest,
             bytes = total,
-            resumed_at = resumed_at,
+            resumed_at,
             pull_ms = began.elapsed().as_millis() as u64,
             received_ms = received.as_millis() as u64,
             drained_ms = drained.as_millis() as u64,
