@@ -284,6 +284,8 @@ impl Bench<'_> {
     }
 }
 
+/// "median / best" of some ratios. Not `openai_load::median`, which takes the upper middle
+/// value of an even count: a run often has two single pulls, and their mean is the median.
 fn median_and_best(mut ratios: Vec<f64>) -> String {
     ratios.sort_by(f64::total_cmp);
     let mid = ratios.len() / 2;
