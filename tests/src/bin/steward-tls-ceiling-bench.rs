@@ -5,7 +5,8 @@
 //! rustls with ring (TLS 1.3, AES-256-GCM), a 256 KiB read buffer under the client's TLS as
 //! the agent has, 1 MiB chunks read with `pread` on the server, and on the client a hashing
 //! thread ([`StreamingDigest`]) and a writing thread ([`DirectWriter`], `O_DIRECT` in 8 MiB
-//! blocks) fed the same chunks. Each round times `openssl dgst -sha256` of the page-cached
+//! blocks) fed the same chunks. Like the control plane and the agent, it restarts itself with
+//! glibc's raised `rep movsb` threshold on the AMD hosts that need it. Each round times `openssl dgst -sha256` of the page-cached
 //! file, then one transfer from connect to the last byte hashed and written, and prints the
 //! ratio `steward-pull-bench` reports for a single agent (openssl ÷ pull, 1.00 = as fast as
 //! hashing alone) and the CPU the process used for the transfer.
@@ -33,8 +34,18 @@ const READ_BUFFER: usize = 256 << 10;
 const BLOCK: usize = 8 << 20;
 const QUEUE: usize = 8;
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The same copies as the control plane and the agent make: on AMD hosts with an older
+    // glibc they restart with a raised `rep movsb` threshold, and so does the ceiling.
+    steward_proto::glibc_memcpy::reexec_if_memcpy_is_slow();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let file = PathBuf::from(
         args.first()
