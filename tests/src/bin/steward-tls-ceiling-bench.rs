@@ -6,10 +6,15 @@
 //! the agent has, 1 MiB chunks read with `pread` on the server, and on the client a hashing
 //! thread ([`StreamingDigest`]) and a writing thread ([`DirectWriter`], `O_DIRECT` in 8 MiB
 //! blocks) fed the same chunks. Like the control plane and the agent, it restarts itself with
-//! glibc's raised `rep movsb` threshold on the AMD hosts that need it. Each round times `openssl dgst -sha256` of the page-cached
+//! glibc's raised `rep movsb` threshold on the AMD hosts that need it.
+//!
+//! Each round runs the transfer twice: once with both ends in this process (one runtime of
+//! two workers serves both), and once from a second process of this binary that plays the
+//! server with its own runtime, as the control plane and an agent are two processes in a real
+//! pull. Each round times `openssl dgst -sha256` of the page-cached
 //! file, then one transfer from connect to the last byte hashed and written, and prints the
 //! ratio `steward-pull-bench` reports for a single agent (openssl ÷ pull, 1.00 = as fast as
-//! hashing alone) and the CPU the process used for the transfer.
+//! hashing alone) and the CPU both ends used for the transfer, for each arrangement.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
@@ -38,15 +43,21 @@ fn main() -> anyhow::Result<()> {
     // The same copies as the control plane and the agent make: on AMD hosts with an older
     // glibc they restart with a raised `rep movsb` threshold, and so does the ceiling.
     steward_proto::glibc_memcpy::reexec_if_memcpy_is_slow();
-    tokio::runtime::Builder::new_multi_thread()
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?
-        .block_on(run())
+        .build()?;
+    match args.first().map(String::as_str) {
+        Some(SERVE) => runtime.block_on(serve_alone(&args[1..])),
+        _ => runtime.block_on(run(args)),
+    }
 }
 
-async fn run() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
+/// The first argument that makes this binary the server of the two-process arrangement.
+const SERVE: &str = "--serve";
+
+async fn run(args: Vec<String>) -> anyhow::Result<()> {
     let file = PathBuf::from(
         args.first()
             .context("usage: steward-tls-ceiling-bench MODEL.gguf [ROUNDS, default 5]")?,
@@ -58,10 +69,69 @@ async fn run() -> anyhow::Result<()> {
     ensure!(file.is_file(), "{} not found", file.display());
     let size = std::fs::metadata(&file)?.len();
     warm(&file)?;
-    let (acceptor, connector) = tls_pair()?;
+    let work = tempfile::tempdir_in(file.parent().unwrap_or(Path::new(".")))?;
+    let identity = Identity::generate()?;
+    let connector = identity.connector()?;
+    let here = serve(identity.acceptor()?, &file).await?;
+    let apart = ServerProcess::start(&identity, &file, work.path())?;
+    println!(
+        "| round | size | openssl dgst s | one process: pull s | openssl ÷ pull | CPU s | \
+         two processes: pull s | openssl ÷ pull | CPU s |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for round in 1..=rounds {
+        let openssl = openssl_sha256(&file)?.as_secs_f64();
+        let out = work.path().join(format!("round-{round}"));
+        let (one, one_cpu) = timed_transfer(&connector, here, &out, size, None).await?;
+        let (two, two_cpu) =
+            timed_transfer(&connector, apart.addr, &out, size, Some(apart.pid())).await?;
+        println!(
+            "| {round} | {} MB | {openssl:.3} | {one:.3} | {:.2} | {one_cpu:.2} | {two:.3} | \
+             {:.2} | {two_cpu:.2} |",
+            size / 1_000_000,
+            openssl / one,
+            openssl / two,
+        );
+    }
+    Ok(())
+}
+
+/// One transfer into `out` (removed afterwards): its wall time and the CPU this process and
+/// the `server` process, where the server runs apart, used meanwhile.
+async fn timed_transfer(
+    connector: &tokio_rustls::TlsConnector,
+    addr: std::net::SocketAddr,
+    out: &Path,
+    size: u64,
+    server: Option<u32>,
+) -> anyhow::Result<(f64, f64)> {
+    let cpu = || -> anyhow::Result<f64> {
+        let apart = match server {
+            Some(pid) => cpu_seconds(pid)?,
+            None => 0.0,
+        };
+        Ok(cpu_seconds(std::process::id())? + apart)
+    };
+    let cpu_before = cpu()?;
+    let started = Instant::now();
+    let received = receive(connector, addr, out).await?;
+    let wall = started.elapsed().as_secs_f64();
+    let used = cpu()? - cpu_before;
+    ensure!(received == size, "received {received} of {size} bytes");
+    std::fs::remove_file(out)?;
+    Ok((wall, used))
+}
+
+/// Serves `file` to every connection on a loopback port of this process; returns the port's
+/// address.
+async fn serve(
+    acceptor: tokio_rustls::TlsAcceptor,
+    file: &Path,
+) -> anyhow::Result<std::net::SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let source = Arc::new(std::fs::File::open(&file)?);
+    let size = std::fs::metadata(file)?.len();
+    let source = Arc::new(std::fs::File::open(file)?);
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let (acceptor, source) = (acceptor.clone(), source.clone());
@@ -72,56 +142,110 @@ async fn run() -> anyhow::Result<()> {
             });
         }
     });
-    let work = tempfile::tempdir_in(file.parent().unwrap_or(Path::new(".")))?;
-    println!(
-        "| round | size | openssl dgst s | bare TLS pull s | openssl ÷ pull | CPU s (both ends) |"
-    );
-    println!("|---:|---:|---:|---:|---:|---:|");
-    for round in 1..=rounds {
-        let openssl = openssl_sha256(&file)?.as_secs_f64();
-        let out = work.path().join(format!("round-{round}"));
-        let cpu_before = cpu_seconds(std::process::id())?;
-        let started = Instant::now();
-        let received = receive(&connector, addr, &out).await?;
-        let pull = started.elapsed().as_secs_f64();
-        let cpu = cpu_seconds(std::process::id())? - cpu_before;
-        ensure!(
-            received == size,
-            "received {received} of {size} bytes in round {round}"
-        );
-        std::fs::remove_file(&out)?;
-        println!(
-            "| {round} | {} MB | {openssl:.3} | {pull:.3} | {:.2} | {cpu:.2} |",
-            size / 1_000_000,
-            openssl / pull,
-        );
-    }
+    Ok(addr)
+}
+
+/// The server process: `--serve FILE CERT.der KEY.der`. Prints its address on stdout and
+/// serves until its stdin closes (the benchmark exiting).
+async fn serve_alone(args: &[String]) -> anyhow::Result<()> {
+    let [file, cert, key] = args else {
+        anyhow::bail!("usage: {SERVE} FILE CERT.der KEY.der");
+    };
+    let identity = Identity {
+        cert: std::fs::read(cert).with_context(|| format!("reading {cert}"))?,
+        key: std::fs::read(key).with_context(|| format!("reading {key}"))?,
+    };
+    let addr = serve(identity.acceptor()?, Path::new(file)).await?;
+    println!("{addr}");
+    tokio::task::spawn_blocking(|| std::io::copy(&mut std::io::stdin(), &mut std::io::sink()))
+        .await??;
     Ok(())
 }
 
-/// A server and a client configuration that trust each other (a fresh self-signed
-/// certificate for `localhost`), with ring as the crypto provider as in Steward.
-fn tls_pair() -> anyhow::Result<(tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector)> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let key = rcgen::KeyPair::generate()?;
-    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])?.self_signed(&key)?;
-    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+/// The second process of the two-process arrangement, stopped when dropped.
+struct ServerProcess {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl ServerProcess {
+    fn start(identity: &Identity, file: &Path, work: &Path) -> anyhow::Result<Self> {
+        let (cert, key) = (work.join("cert.der"), work.join("key.der"));
+        std::fs::write(&cert, &identity.cert)?;
+        std::fs::write(&key, &identity.key)?;
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .arg(SERVE)
+            .args([file, &cert, &key])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting the server process")?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().context("server's stdout")?),
+            &mut line,
         )?;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.der().clone())?;
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok((
-        tokio_rustls::TlsAcceptor::from(Arc::new(server)),
-        tokio_rustls::TlsConnector::from(Arc::new(client)),
-    ))
+        let addr = line
+            .trim()
+            .parse()
+            .with_context(|| format!("the server process printed {line:?}, not its address"))?;
+        Ok(Self { child, addr })
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh self-signed certificate for `localhost` and its key (both DER), from which the
+/// server and the client that trusts it are configured, with ring as the crypto provider as in
+/// Steward.
+struct Identity {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+impl Identity {
+    fn generate() -> anyhow::Result<Self> {
+        let key = rcgen::KeyPair::generate()?;
+        let cert = rcgen::CertificateParams::new(vec!["localhost".into()])?.self_signed(&key)?;
+        Ok(Self {
+            cert: cert.der().to_vec(),
+            key: key.serialize_der(),
+        })
+    }
+
+    fn acceptor(&self) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+        let server = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![self.cert.clone().into()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(self.key.clone().into()),
+            )?;
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+    }
+
+    fn connector(&self) -> anyhow::Result<tokio_rustls::TlsConnector> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.clone().into())?;
+        let client = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(tokio_rustls::TlsConnector::from(Arc::new(client)))
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
 }
 
 /// Sends the whole file in 1 MiB chunks, reusing one buffer.
