@@ -1,20 +1,19 @@
 //! The ceiling for an artifact pull on this machine: the same bytes over a bare TLS stream,
 //! with none of gRPC, HTTP/2 or the fleet around them.
 //!
-//! One process plays both ends over loopback TCP with the libraries a real pull uses:
-//! rustls with ring (TLS 1.3, AES-256-GCM), a 256 KiB read buffer under the client's TLS as
-//! the agent has, 1 MiB chunks read with `pread` on the server, and on the client a hashing
-//! thread ([`StreamingDigest`]) and a writing thread ([`DirectWriter`], `O_DIRECT` in 8 MiB
-//! blocks) fed the same chunks. Like the control plane and the agent, it restarts itself with
-//! glibc's raised `rep movsb` threshold on the AMD hosts that need it.
+//! Both ends run over loopback TCP with the libraries a real pull uses: rustls with ring
+//! (TLS 1.3, AES-256-GCM), a 256 KiB read buffer under the client's TLS as the agent has,
+//! 1 MiB chunks read with `pread` on the server, and on the client a hashing thread
+//! ([`StreamingDigest`]) and a writing thread ([`DirectWriter`], `O_DIRECT` in 8 MiB blocks)
+//! fed the same chunks. Like the control plane and the agent, the benchmark restarts itself
+//! with glibc's raised `rep movsb` threshold on the AMD hosts that need it.
 //!
-//! Each round runs the transfer twice: once with both ends in this process (one runtime of
-//! two workers serves both), and once from a second process of this binary that plays the
-//! server with its own runtime, as the control plane and an agent are two processes in a real
-//! pull. Each round times `openssl dgst -sha256` of the page-cached
-//! file, then one transfer from connect to the last byte hashed and written, and prints the
-//! ratio `steward-pull-bench` reports for a single agent (openssl ÷ pull, 1.00 = as fast as
-//! hashing alone) and the CPU both ends used for the transfer, for each arrangement.
+//! Each round times `openssl dgst -sha256` of the page-cached file, then the transfer twice,
+//! each from connect to the last byte hashed and written: once with both ends in this process
+//! (one runtime of two workers serves both), and once from a second process of this binary
+//! that plays the server with its own runtime, as the control plane and an agent are two
+//! processes in a real pull. For each it prints the ratio `steward-pull-bench` reports for a
+//! single agent (openssl ÷ pull, 1.00 = as fast as hashing alone) and the CPU both ends used.
 //!
 //! ```text
 //! cargo build --release --workspace --bins
