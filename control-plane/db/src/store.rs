@@ -78,7 +78,7 @@ impl Store {
         } else {
             opts.max_connections(32).min_connections(2);
         }
-        let db = Database::connect(opts)
+        let db = Box::pin(Database::connect(opts))
             .await
             .map_err(|source| DbError::Connect {
                 url: redact_url(url),

@@ -23,7 +23,7 @@ impl PostgresTestDb {
     pub async fn create() -> Result<Self, DbError> {
         let admin_url = postgres_admin_url();
         let name = format!("steward_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = Database::connect(&admin_url)
+        let admin = Box::pin(Database::connect(&admin_url))
             .await
             .map_err(|source| DbError::Connect {
                 url: admin_url.clone(),
@@ -45,13 +45,12 @@ impl PostgresTestDb {
     }
 
     pub async fn drop_database(self) -> Result<(), DbError> {
-        let admin =
-            Database::connect(&self.admin_url)
-                .await
-                .map_err(|source| DbError::Connect {
-                    url: self.admin_url.clone(),
-                    source,
-                })?;
+        let admin = Box::pin(Database::connect(&self.admin_url))
+            .await
+            .map_err(|source| DbError::Connect {
+                url: self.admin_url.clone(),
+                source,
+            })?;
         admin
             .execute_unprepared(&format!(
                 "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
@@ -90,7 +89,7 @@ fn kind(declared: &str) -> String {
 
 /// The application tables' columns (migration bookkeeping excluded), sorted.
 pub async fn schema_shape(url: &str) -> Result<Vec<ColumnShape>, DbError> {
-    let db = Database::connect(url)
+    let db = Box::pin(Database::connect(url))
         .await
         .map_err(|source| DbError::Connect {
             url: url.to_owned(),
