@@ -1,7 +1,7 @@
 //! Helpers for tests that need a real database: a throwaway PostgreSQL database per test,
 //! and a normalized view of the schema for comparing backends.
 
-use sea_orm::{ConnectionTrait, Database, DbBackend, Statement};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection, DbBackend, Statement};
 
 use crate::DbError;
 
@@ -9,6 +9,17 @@ use crate::DbError;
 pub fn postgres_admin_url() -> String {
     std::env::var("STEWARD_TEST_PG_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+/// Connects to `url` for a test. The connect future is large (clippy's `large_futures` in the
+/// release profile), so it is boxed and callers' futures stay small.
+async fn connect(url: &str) -> Result<DatabaseConnection, DbError> {
+    Box::pin(Database::connect(url))
+        .await
+        .map_err(|source| DbError::Connect {
+            url: url.to_owned(),
+            source,
+        })
 }
 
 /// A PostgreSQL database created for one test and dropped by [`PostgresTestDb::drop_database`].
@@ -23,12 +34,7 @@ impl PostgresTestDb {
     pub async fn create() -> Result<Self, DbError> {
         let admin_url = postgres_admin_url();
         let name = format!("steward_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = Box::pin(Database::connect(&admin_url))
-            .await
-            .map_err(|source| DbError::Connect {
-                url: admin_url.clone(),
-                source,
-            })?;
+        let admin = connect(&admin_url).await?;
         admin
             .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
             .await?;
@@ -45,12 +51,7 @@ impl PostgresTestDb {
     }
 
     pub async fn drop_database(self) -> Result<(), DbError> {
-        let admin = Box::pin(Database::connect(&self.admin_url))
-            .await
-            .map_err(|source| DbError::Connect {
-                url: self.admin_url.clone(),
-                source,
-            })?;
+        let admin = connect(&self.admin_url).await?;
         admin
             .execute_unprepared(&format!(
                 "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
@@ -89,12 +90,7 @@ fn kind(declared: &str) -> String {
 
 /// The application tables' columns (migration bookkeeping excluded), sorted.
 pub async fn schema_shape(url: &str) -> Result<Vec<ColumnShape>, DbError> {
-    let db = Box::pin(Database::connect(url))
-        .await
-        .map_err(|source| DbError::Connect {
-            url: url.to_owned(),
-            source,
-        })?;
+    let db = connect(url).await?;
     let backend = db.get_database_backend();
     let mut shape = Vec::new();
     match backend {
