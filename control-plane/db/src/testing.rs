@@ -11,13 +11,14 @@ pub fn postgres_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
-/// Connects to `url` for a test. The connect future is large (clippy's `large_futures` in the
-/// release profile), so it is boxed and callers' futures stay small.
+/// Connects to `url` for a test; a failure names the URL without its password, as the store
+/// does. The connect future is large (clippy's `large_futures` in the release profile), so it
+/// is boxed and callers' futures stay small.
 async fn connect(url: &str) -> Result<DatabaseConnection, DbError> {
     Box::pin(Database::connect(url))
         .await
         .map_err(|source| DbError::Connect {
-            url: url.to_owned(),
+            url: crate::store::redact_url(url),
             source,
         })
 }
