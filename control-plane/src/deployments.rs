@@ -18,7 +18,7 @@ use steward_proto::agent::v1::{Inventory, ModelStatus, ProbeResult};
 use tokio::sync::Mutex;
 
 use crate::fleet::{Actor, Fleet, FleetError, audit, now_unix};
-use crate::placement::{Demand, NodeView, Placement, Selector, Strategy, place};
+use crate::placement::{Demand, Kept, NodeView, Placement, Selector, Strategy, place};
 use crate::probes::Probes;
 use crate::registry::{Registry, RegistryError};
 use crate::rollout::{self, ReplicaView};
@@ -704,6 +704,7 @@ impl Deployments {
             artifact: artifact.clone(),
         };
         trusted(policy, &model)?;
+        let pinned = self.kept(&artifact, pinned).await?;
         Ok(Demand {
             deployment: d.name.clone(),
             digest: d.digest.clone(),
@@ -716,6 +717,43 @@ impl Deployments {
             memory_bytes: memory_needed(&artifact, d.slots, d.context_per_slot),
             size_bytes: artifact.size_bytes,
         })
+    }
+
+    /// Costs each replica a rollout pins with the model and settings it keeps. `current` is
+    /// the deployment's own artifact; a kept artifact no longer in the registry is costed
+    /// as the current one.
+    async fn kept(
+        &self,
+        current: &ArtifactRecord,
+        pinned: BTreeMap<String, rollout::Revision>,
+    ) -> Result<BTreeMap<String, Kept>, String> {
+        let mut artifacts: BTreeMap<String, Option<ArtifactRecord>> = BTreeMap::new();
+        let mut out = BTreeMap::new();
+        for (node, revision) in pinned {
+            if !artifacts.contains_key(&revision.digest) {
+                let found = if revision.digest == current.digest {
+                    Some(current.clone())
+                } else {
+                    self.fleet
+                        .store
+                        .find_artifact(&revision.digest)
+                        .await
+                        .map_err(|e| steward_telemetry::chain(&e).to_string())?
+                };
+                artifacts.insert(revision.digest.clone(), found);
+            }
+            let artifact = artifacts[&revision.digest].as_ref().unwrap_or(current);
+            let settings = &revision.settings;
+            let memory_bytes = memory_needed(artifact, settings.slots, settings.context_per_slot);
+            out.insert(
+                node,
+                Kept {
+                    revision,
+                    memory_bytes,
+                },
+            );
+        }
+        Ok(out)
     }
 }
 

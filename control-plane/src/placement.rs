@@ -63,6 +63,14 @@ pub struct NodeView {
     pub assigned: Vec<AssignedModel>,
 }
 
+/// What a replica pinned during a rollout keeps, and what that costs its node.
+#[derive(Clone, Debug)]
+pub struct Kept {
+    pub revision: Revision,
+    /// Memory to load the kept model with the kept settings (not the new ones').
+    pub memory_bytes: u64,
+}
+
 /// A deployment as placement sees it.
 #[derive(Clone, Debug)]
 pub struct Demand {
@@ -70,7 +78,7 @@ pub struct Demand {
     pub digest: String,
     /// Node id → the model and settings a replica already on that node keeps (during a
     /// rollout); the others take `digest` and the settings below.
-    pub pinned: BTreeMap<String, Revision>,
+    pub pinned: BTreeMap<String, Kept>,
     pub selector: Selector,
     pub replicas: u32,
     pub slots: u32,
@@ -158,7 +166,7 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
 
     for demand in demands {
         let assignment_on = |node: &NodeView| match demand.pinned.get(&node.id) {
-            Some(kept) => AssignedModel {
+            Some(Kept { revision: kept, .. }) => AssignedModel {
                 deployment: demand.deployment.clone(),
                 digest: kept.digest.clone(),
                 slots: kept.settings.slots,
@@ -217,7 +225,11 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
         for node in &nodes {
             if chosen.contains(node.id.as_str()) {
                 let assignment = assignment_on(node);
-                *used_memory.entry(&node.id).or_default() += demand.memory_bytes;
+                let memory = demand
+                    .pinned
+                    .get(&node.id)
+                    .map_or(demand.memory_bytes, |kept| kept.memory_bytes);
+                *used_memory.entry(&node.id).or_default() += memory;
                 if !node.assigned.iter().any(|a| a.digest == assignment.digest) {
                     *used_disk.entry(&node.id).or_default() += demand.size_bytes;
                 }
@@ -453,9 +465,12 @@ mod tests {
         };
         d.pinned.insert(
             "id-a".into(),
-            Revision {
-                digest: "old".into(),
-                settings: kept,
+            Kept {
+                revision: Revision {
+                    digest: "old".into(),
+                    settings: kept,
+                },
+                memory_bytes: GIB,
             },
         );
         let p = place(&[old("a"), old("b"), node("c", 16)], &[d], Strategy::Spread);
@@ -471,6 +486,41 @@ mod tests {
         );
         assert_eq!(p.nodes["id-b"][0].digest, "digest-m");
         assert_eq!(p.nodes["id-c"][0].digest, "digest-m");
+    }
+
+    #[test]
+    fn a_pinned_replica_is_costed_with_the_model_it_keeps_not_the_new_one() {
+        // "big" rolls from a 6 GiB model to a 1 GiB one; its replica on node a still runs
+        // the 6 GiB one. "small" (placed after it) needs 4 GiB: 6 + 4 is more than the 9 GiB
+        // node a offers (10 GiB less the reserve), so it must go to node b.
+        let mut a = node("a", 10);
+        a.assigned = vec![AssignedModel {
+            deployment: "big".into(),
+            digest: "old".into(),
+            slots: 4,
+            context_per_slot: 4096,
+            gpu_layers: -1,
+        }];
+        let mut big = demand("big", "name=a", 1, 1);
+        big.pinned.insert(
+            "id-a".into(),
+            Kept {
+                revision: Revision {
+                    digest: "old".into(),
+                    settings: ServingSettings {
+                        slots: 4,
+                        context_per_slot: 4096,
+                        gpu_layers: -1,
+                    },
+                },
+                memory_bytes: 6 * GIB,
+            },
+        );
+        let small = demand("small", "*", 1, 4);
+        let p = place(&[a, node("b", 10)], &[big, small], Strategy::Pack);
+        assert_eq!(p.placed["big"], ["a"]);
+        assert_eq!(p.nodes["id-a"][0].digest, "old");
+        assert_eq!(p.placed["small"], ["b"], "node a has 3 GiB left, not 8");
     }
 
     #[test]
