@@ -336,6 +336,32 @@ mod tests {
         }
     }
 
+    /// A replica of `deployment` running `digest` with 4 slots of 4096 tokens.
+    fn running(deployment: &str, digest: &str) -> AssignedModel {
+        AssignedModel {
+            deployment: deployment.into(),
+            digest: digest.into(),
+            slots: 4,
+            context_per_slot: 4096,
+            gpu_layers: -1,
+        }
+    }
+
+    /// What a replica pinned to [`running`]'s `digest` keeps, costing `memory_gib`.
+    fn kept(digest: &str, memory_gib: u64) -> Kept {
+        Kept {
+            revision: Revision {
+                digest: digest.into(),
+                settings: ServingSettings {
+                    slots: 4,
+                    context_per_slot: 4096,
+                    gpu_layers: -1,
+                },
+            },
+            memory_bytes: memory_gib * GIB,
+        }
+    }
+
     #[test]
     fn selectors_match_labels_names_and_everything() {
         let mut n = node("gpu-1", 8);
@@ -448,31 +474,11 @@ mod tests {
     fn a_pinned_replica_keeps_its_digest_while_others_take_the_new_one() {
         let old = |name: &str| {
             let mut n = node(name, 16);
-            n.assigned = vec![AssignedModel {
-                deployment: "m".into(),
-                digest: "old".into(),
-                slots: 4,
-                context_per_slot: 4096,
-                gpu_layers: -1,
-            }];
+            n.assigned = vec![running("m", "old")];
             n
         };
         let mut d = demand("m", "*", 3, 1);
-        let kept = ServingSettings {
-            slots: 4,
-            context_per_slot: 4096,
-            gpu_layers: -1,
-        };
-        d.pinned.insert(
-            "id-a".into(),
-            Kept {
-                revision: Revision {
-                    digest: "old".into(),
-                    settings: kept,
-                },
-                memory_bytes: GIB,
-            },
-        );
+        d.pinned.insert("id-a".into(), kept("old", 1));
         let p = place(&[old("a"), old("b"), node("c", 16)], &[d], Strategy::Spread);
         assert_eq!(p.placed["m"], ["a", "b", "c"], "kept where they run");
         assert_eq!(p.nodes["id-a"][0].digest, "old");
@@ -494,28 +500,9 @@ mod tests {
         // the 6 GiB one. "small" (placed after it) needs 4 GiB: 6 + 4 is more than the 9 GiB
         // node a offers (10 GiB less the reserve), so it must go to node b.
         let mut a = node("a", 10);
-        a.assigned = vec![AssignedModel {
-            deployment: "big".into(),
-            digest: "old".into(),
-            slots: 4,
-            context_per_slot: 4096,
-            gpu_layers: -1,
-        }];
+        a.assigned = vec![running("big", "old")];
         let mut big = demand("big", "name=a", 1, 1);
-        big.pinned.insert(
-            "id-a".into(),
-            Kept {
-                revision: Revision {
-                    digest: "old".into(),
-                    settings: ServingSettings {
-                        slots: 4,
-                        context_per_slot: 4096,
-                        gpu_layers: -1,
-                    },
-                },
-                memory_bytes: 6 * GIB,
-            },
-        );
+        big.pinned.insert("id-a".into(), kept("old", 6));
         let small = demand("small", "*", 1, 4);
         let p = place(&[a, node("b", 10)], &[big, small], Strategy::Pack);
         assert_eq!(p.placed["big"], ["a"]);
@@ -526,13 +513,7 @@ mod tests {
     #[test]
     fn a_changed_model_is_placed_anew() {
         let mut a = node("a", 16);
-        a.assigned = vec![AssignedModel {
-            deployment: "m".into(),
-            digest: "old".into(),
-            slots: 4,
-            context_per_slot: 4096,
-            gpu_layers: -1,
-        }];
+        a.assigned = vec![running("m", "old")];
         let p = place(&[a], &[demand("m", "*", 1, 1)], Strategy::Spread);
         assert_eq!(p.nodes["id-a"][0].digest, "digest-m");
     }
