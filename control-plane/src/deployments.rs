@@ -727,22 +727,23 @@ impl Deployments {
         current: &ArtifactRecord,
         pinned: BTreeMap<String, rollout::Revision>,
     ) -> Result<BTreeMap<String, Kept>, String> {
-        let mut artifacts: BTreeMap<String, Option<ArtifactRecord>> = BTreeMap::new();
+        // Other artifacts than `current`, each looked up once (outside a rollout there are none).
+        let mut others: BTreeMap<String, Option<ArtifactRecord>> = BTreeMap::new();
         let mut out = BTreeMap::new();
         for (node, revision) in pinned {
-            if !artifacts.contains_key(&revision.digest) {
-                let found = if revision.digest == current.digest {
-                    Some(current.clone())
-                } else {
-                    self.fleet
-                        .store
-                        .find_artifact(&revision.digest)
-                        .await
-                        .map_err(|e| steward_telemetry::chain(&e).to_string())?
-                };
-                artifacts.insert(revision.digest.clone(), found);
+            if revision.digest != current.digest && !others.contains_key(&revision.digest) {
+                let found = self
+                    .fleet
+                    .store
+                    .find_artifact(&revision.digest)
+                    .await
+                    .map_err(|e| steward_telemetry::chain(&e).to_string())?;
+                others.insert(revision.digest.clone(), found);
             }
-            let artifact = artifacts[&revision.digest].as_ref().unwrap_or(current);
+            let artifact = others
+                .get(&revision.digest)
+                .and_then(Option::as_ref)
+                .unwrap_or(current);
             let settings = &revision.settings;
             let memory_bytes = memory_needed(artifact, settings.slots, settings.context_per_slot);
             out.insert(

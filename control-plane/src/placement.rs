@@ -165,21 +165,31 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
     }
 
     for demand in demands {
+        // What a replica on `node` runs, and the memory that takes.
         let assignment_on = |node: &NodeView| match demand.pinned.get(&node.id) {
-            Some(Kept { revision: kept, .. }) => AssignedModel {
-                deployment: demand.deployment.clone(),
-                digest: kept.digest.clone(),
-                slots: kept.settings.slots,
-                context_per_slot: kept.settings.context_per_slot,
-                gpu_layers: kept.settings.gpu_layers,
-            },
-            None => AssignedModel {
-                deployment: demand.deployment.clone(),
-                digest: demand.digest.clone(),
-                slots: demand.slots,
-                context_per_slot: demand.context_per_slot,
-                gpu_layers: demand.gpu_layers,
-            },
+            Some(Kept {
+                revision: kept,
+                memory_bytes,
+            }) => (
+                AssignedModel {
+                    deployment: demand.deployment.clone(),
+                    digest: kept.digest.clone(),
+                    slots: kept.settings.slots,
+                    context_per_slot: kept.settings.context_per_slot,
+                    gpu_layers: kept.settings.gpu_layers,
+                },
+                *memory_bytes,
+            ),
+            None => (
+                AssignedModel {
+                    deployment: demand.deployment.clone(),
+                    digest: demand.digest.clone(),
+                    slots: demand.slots,
+                    context_per_slot: demand.context_per_slot,
+                    gpu_layers: demand.gpu_layers,
+                },
+                demand.memory_bytes,
+            ),
         };
         let mut chosen: BTreeSet<&str> = BTreeSet::new();
         // Keep replicas where they run.
@@ -224,11 +234,7 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
         let mut placed_names = Vec::new();
         for node in &nodes {
             if chosen.contains(node.id.as_str()) {
-                let assignment = assignment_on(node);
-                let memory = demand
-                    .pinned
-                    .get(&node.id)
-                    .map_or(demand.memory_bytes, |kept| kept.memory_bytes);
+                let (assignment, memory) = assignment_on(node);
                 *used_memory.entry(&node.id).or_default() += memory;
                 if !node.assigned.iter().any(|a| a.digest == assignment.digest) {
                     *used_disk.entry(&node.id).or_default() += demand.size_bytes;
