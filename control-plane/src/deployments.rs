@@ -839,6 +839,7 @@ fn node_view(node: &NodeRecord) -> NodeView {
             .map(|g| g.memory_total_bytes)
             .max()
             .unwrap_or(0),
+        memory_limit_bytes: inventory.model_memory_limit_bytes,
         disk_free_bytes: inventory.disk_free_bytes,
         assigned: node.desired_models.clone(),
     }

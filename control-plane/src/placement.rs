@@ -58,6 +58,9 @@ pub struct NodeView {
     pub memory_total_bytes: u64,
     /// Memory of the largest GPU; 0 without one.
     pub gpu_memory_bytes: u64,
+    /// The most memory models may have on this node, as its agent's operator set it; 0: no
+    /// limit beyond the node's own memory.
+    pub memory_limit_bytes: u64,
     pub disk_free_bytes: u64,
     /// What the node was assigned before this placement.
     pub assigned: Vec<AssignedModel>,
@@ -277,17 +280,21 @@ fn refusal(
     if node.cordoned {
         return Some("cordoned".into());
     }
-    let reserve = |total: u64| total - total / 100 * MEMORY_RESERVE_PERCENT;
-    let capacity = reserve(node.memory_total_bytes).max(reserve(node.gpu_memory_bytes));
+    let capacity = memory_capacity(node);
     let free = capacity.saturating_sub(used_memory.get(node.id.as_str()).copied().unwrap_or(0));
     if demand.memory_bytes > free {
+        let limit = if capacity == node.memory_limit_bytes {
+            format!(" of the node's {} memory limit", gib(capacity))
+        } else {
+            String::new()
+        };
         return Some(format!(
             "not enough memory: the model needs {} (weights and KV cache for {} × {} tokens), \
-             {} is left",
+             {} is left{limit}",
             gib(demand.memory_bytes),
             demand.slots,
             demand.context_per_slot,
-            gib(free)
+            gib(free),
         ));
     }
     let disk = node
@@ -302,6 +309,17 @@ fn refusal(
         ));
     }
     None
+}
+
+/// Memory models may have on `node`: its RAM or its largest GPU's memory, whichever is
+/// larger, less a share for the OS and the agent, and no more than its operator's limit.
+fn memory_capacity(node: &NodeView) -> u64 {
+    let reserve = |total: u64| total - total / 100 * MEMORY_RESERVE_PERCENT;
+    let capacity = reserve(node.memory_total_bytes).max(reserve(node.gpu_memory_bytes));
+    match node.memory_limit_bytes {
+        0 => capacity,
+        limit => capacity.min(limit),
+    }
 }
 
 fn gib(bytes: u64) -> String {
@@ -449,6 +467,34 @@ mod tests {
         assert_eq!(p.placed["m1"], ["a"]);
         assert!(p.placed["m2"].is_empty());
         assert!(p.unschedulable["m2"].reasons[0].contains("not enough memory"));
+    }
+
+    #[test]
+    fn a_nodes_memory_limit_caps_what_its_models_may_use() {
+        let mut capped = node("box", 64);
+        capped.memory_limit_bytes = 10 * GIB;
+        let p = place(
+            &[capped.clone()],
+            &[demand("m1", "*", 1, 6), demand("m2", "*", 1, 6)],
+            Strategy::Spread,
+        );
+        assert_eq!(p.placed["m1"], ["box"], "{p:#?}");
+        assert!(p.placed["m2"].is_empty());
+        let reason = &p.unschedulable["m2"].reasons[0];
+        assert!(
+            reason.contains("4.00 GiB is left of the node's 10.00 GiB memory limit"),
+            "{reason}"
+        );
+
+        // A limit above what the node has changes nothing.
+        capped.memory_limit_bytes = 1024 * GIB;
+        let p = place(&[capped], &[demand("m", "*", 1, 60)], Strategy::Spread);
+        assert!(p.placed["m"].is_empty());
+        assert!(
+            !p.unschedulable["m"].reasons[0].contains("limit"),
+            "{:?}",
+            p.unschedulable["m"].reasons
+        );
     }
 
     #[test]

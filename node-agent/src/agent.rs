@@ -39,6 +39,9 @@ pub struct AgentConfig {
     pub pull_rate_limit: Option<u64>,
     /// HTTP/2 receive windows of artifact pulls.
     pub pull_windows: Windows,
+    /// The most memory the control plane may give to models on this node (default: the
+    /// node's own memory).
+    pub memory_limit_bytes: Option<u64>,
 }
 
 impl AgentConfig {
@@ -55,6 +58,7 @@ impl AgentConfig {
             threads: None,
             pull_rate_limit: None,
             pull_windows: Windows::default(),
+            memory_limit_bytes: None,
         }
     }
 }
@@ -111,7 +115,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let reconciler = Arc::new(Reconciler::new(Arc::new(FileStateStore::new(
         &config.data_dir,
     )))?);
-    let probe = Arc::new(HostProbe::new(&config.data_dir));
+    let probe =
+        Arc::new(HostProbe::new(&config.data_dir).with_memory_limit(config.memory_limit_bytes));
     let serving = match config.serving.clone() {
         Some(serving) => {
             let inventory = probe.inventory().await;

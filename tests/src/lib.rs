@@ -429,11 +429,23 @@ impl TestAgent {
         token: Option<String>,
         serving: Option<steward_node_agent::serving::ServingConfig>,
     ) -> Self {
+        Self::start_configured(endpoint, data_dir, token, serving, |_| {})
+    }
+
+    /// Like [`TestAgent::start_serving`], with `configure` applied to the agent's settings.
+    pub fn start_configured(
+        endpoint: &str,
+        data_dir: &Path,
+        token: Option<String>,
+        serving: Option<steward_node_agent::serving::ServingConfig>,
+        configure: impl FnOnce(&mut AgentConfig),
+    ) -> Self {
         let mut config = AgentConfig::new(endpoint, data_dir);
         config.serving = serving;
         config.enrollment_token = token;
         config.name = Some("test-node".into());
         config.heartbeat_interval = Duration::from_millis(500);
+        configure(&mut config);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(steward_node_agent::agent::run(config, shutdown.clone()));
         Self {

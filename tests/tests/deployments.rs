@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use steward_engine::tiny_model::TinyModel;
+use steward_node_agent::agent::AgentConfig;
 use steward_node_agent::serving::ServingConfig;
 use steward_proto::admin::v1::deployment_service_client::DeploymentServiceClient;
 use steward_proto::admin::v1::{
@@ -116,6 +117,17 @@ impl World {
         model: &str,
         selector: &str,
     ) -> Result<Deployment, tonic::Status> {
+        self.create_with_context(name, model, selector, 512).await
+    }
+
+    /// [`World::create`] with two slots of `context_per_slot` tokens each.
+    async fn create_with_context(
+        &self,
+        name: &str,
+        model: &str,
+        selector: &str,
+        context_per_slot: u32,
+    ) -> Result<Deployment, tonic::Status> {
         self.deploy
             .clone()
             .create_deployment(self.admin.request(CreateDeploymentRequest {
@@ -124,7 +136,7 @@ impl World {
                 selector: selector.into(),
                 replicas: 1,
                 slots: 2,
-                context_per_slot: 512,
+                context_per_slot,
                 gpu_layers: None,
                 max_unavailable: 0,
             }))
@@ -163,8 +175,17 @@ impl World {
 
     /// Starts another enrolled agent with an inference API; returns it, its id and API.
     async fn another_agent(&self, name: &str) -> (TestAgent, String, std::net::SocketAddr) {
+        self.another_agent_configured(name, |_| {}).await
+    }
+
+    /// [`World::another_agent`] with `configure` applied to the agent's settings.
+    async fn another_agent_configured(
+        &self,
+        name: &str,
+        configure: impl FnOnce(&mut AgentConfig),
+    ) -> (TestAgent, String, std::net::SocketAddr) {
         let api = free_port();
-        let agent = TestAgent::start_serving(
+        let agent = TestAgent::start_configured(
             &self.cp.endpoint,
             &self.agent_dir.with_file_name(name),
             Some(self.admin.token(600).await),
@@ -173,6 +194,7 @@ impl World {
                 api_keys: vec![API_KEY.into()],
                 models: Vec::new(),
             }),
+            configure,
         );
         let id = agent.node_id().await;
         self.admin
@@ -805,6 +827,72 @@ async fn rolling_back_without_a_previous_model_is_refused_with_the_reason() {
     );
     let missing = w.rollback("nope").await.unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
+    w.stop(db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_memory_limit_keeps_models_that_need_more_off_its_node() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    const LIMIT: u64 = 256 << 20;
+    let (limited, limited_id, limited_api) = w
+        .another_agent_configured("agent-limited", |c| c.memory_limit_bytes = Some(LIMIT))
+        .await;
+    let node = w.admin.node(&limited_id).await;
+    assert_eq!(
+        node.inventory.as_ref().unwrap().model_memory_limit_bytes,
+        LIMIT
+    );
+    let selector = format!("name={}", node.name);
+
+    // Two slots of 128 Ki tokens: 256 MiB of KV cache for the tiny model, beside its weights
+    // and buffers (about 70 MiB by the estimate): over the limit.
+    let big = w
+        .create_with_context("big", "tiny-chat@1", &selector, 128 << 10)
+        .await
+        .unwrap();
+    assert_eq!(big.missing_replicas, 1, "{big:#?}");
+    assert!(
+        big.unschedulable_reasons
+            .iter()
+            .any(|r| r.contains("not enough memory") && r.contains("memory limit")),
+        "{:?}",
+        big.unschedulable_reasons
+    );
+    // The node without a limit takes the same deployment.
+    let unlimited = w.admin.node(&w.node_id).await;
+    let elsewhere = w
+        .create_with_context(
+            "big-elsewhere",
+            "tiny-chat@1",
+            &format!("name={}", unlimited.name),
+            128 << 10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(elsewhere.placed.len(), 1, "{elsewhere:#?}");
+
+    // A small context fits under the limit, and is served there.
+    w.create_with_context("small", "tiny-chat@1", &selector, 512)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = w.show("small").await;
+        let ready = d.placed.iter().any(|r| {
+            r.node_id == limited_id
+                && r.status
+                    .as_ref()
+                    .is_some_and(|s| s.state == ModelState::Ready as i32)
+        });
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "small not ready: {d:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(complete_at(limited_api, "small").await.status(), 200);
+    limited.stop().await.unwrap();
     w.stop(db).await;
 }
 

@@ -222,6 +222,15 @@ pub fn node_detail(node: &Node, now: i64) -> String {
             bytes(inv.memory_available_bytes)
         ),
     );
+    if inv.model_memory_limit_bytes > 0 {
+        line(
+            "Memory for models:",
+            format!(
+                "at most {} (the agent's --memory-limit-gib)",
+                bytes(inv.model_memory_limit_bytes)
+            ),
+        );
+    }
     line(
         "Disk (data dir):",
         format!(
@@ -792,6 +801,18 @@ mod tests {
         n.inventory.as_mut().unwrap().accelerator = "cpu".into();
         let out = node_detail(&n, 1000);
         assert!(out.contains("cpu (no GPU detected)"), "{out}");
+    }
+
+    #[test]
+    fn a_nodes_memory_limit_is_shown_only_when_set() {
+        let mut n = node(true);
+        assert!(!node_detail(&n, 1000).contains("Memory for models"));
+        n.inventory.as_mut().unwrap().model_memory_limit_bytes = 16 << 30;
+        let out = node_detail(&n, 1000);
+        assert!(
+            out.contains("Memory for models:    at most 16.0 GiB (the agent's --memory-limit-gib)"),
+            "{out}"
+        );
     }
 
     #[test]

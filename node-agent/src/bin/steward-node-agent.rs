@@ -116,6 +116,11 @@ struct InferenceArgs {
         value_parser = clap::value_parser!(u32).range(1..=i64::from(Windows::MAX_STREAM >> 20))
     )]
     pull_window_mib: u32,
+    /// The most memory, in GiB, the control plane may give to models on this node (RAM, or
+    /// the largest GPU's memory where models run on a GPU), to leave the rest of the host to
+    /// other work. Default: the node's own memory.
+    #[arg(long, allow_negative_numbers = true, value_parser = positive_gib)]
+    memory_limit_gib: Option<f64>,
     /// API keys clients must present (comma-separated in the environment). Without one,
     /// a key is generated into <data dir>/api-key.
     #[arg(
@@ -142,6 +147,10 @@ impl AgentArgs {
             .pull_rate_limit_mib
             .map(|mib| (mib * (1u64 << 20) as f64) as u64);
         config.pull_windows = Windows::per_stream(a.inference.pull_window_mib << 20);
+        config.memory_limit_bytes = a
+            .inference
+            .memory_limit_gib
+            .map(|gib| (gib * (1u64 << 30) as f64) as u64);
         config
     }
 }
@@ -149,6 +158,11 @@ impl AgentArgs {
 /// A cache budget in GiB: a finite number, zero or more (zero keeps only what is assigned).
 fn cache_budget(text: &str) -> Result<f64, String> {
     finite_number(text, |gib| gib >= 0.0, "a size of zero or more GiB")
+}
+
+/// A size in GiB: a finite number above zero.
+fn positive_gib(text: &str) -> Result<f64, String> {
+    finite_number(text, |gib| gib > 0.0, "a size above zero in GiB")
 }
 
 /// A rate in MiB/s: a finite number above zero.
@@ -368,7 +382,14 @@ mod tests {
         );
         let defaults = agent_config(&[]).unwrap();
         assert_eq!(defaults.pull_rate_limit, None);
+        assert_eq!(defaults.memory_limit_bytes, None);
         assert_eq!(defaults.pull_windows, Windows::default());
+    }
+
+    #[test]
+    fn the_memory_limit_reaches_the_agent_config_in_bytes() {
+        let config = agent_config(&["--memory-limit-gib", "1.5"]).unwrap();
+        assert_eq!(config.memory_limit_bytes, Some(3 << 29));
     }
 
     #[test]
@@ -381,6 +402,9 @@ mod tests {
             ["--pull-window-mib", "1024"],
             ["--cache-budget-gib", "-1"],
             ["--cache-budget-gib", "inf"],
+            ["--memory-limit-gib", "0"],
+            ["--memory-limit-gib", "-2"],
+            ["--memory-limit-gib", "lots"],
         ] {
             let error = agent_config(&args).unwrap_err().to_string();
             assert!(error.contains(args[0]), "{args:?}: {error}");

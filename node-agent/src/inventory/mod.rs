@@ -30,6 +30,8 @@ pub trait InventoryProbe: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone)]
 pub struct HostProbe {
     inner: Arc<HostConfig>,
+    /// Reported as the inventory's `model_memory_limit_bytes`.
+    memory_limit_bytes: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -56,8 +58,15 @@ impl HostProbe {
         Self::build(data_dir.into(), proc_root.into(), sys_root.into(), false)
     }
 
+    /// Reports `bytes` as the most memory the control plane may give to models here.
+    pub fn with_memory_limit(mut self, bytes: Option<u64>) -> Self {
+        self.memory_limit_bytes = bytes;
+        self
+    }
+
     fn build(data_dir: PathBuf, proc_root: PathBuf, sys_root: PathBuf, nvml: bool) -> Self {
         Self {
+            memory_limit_bytes: None,
             inner: Arc::new(HostConfig {
                 data_dir,
                 proc_root,
@@ -73,7 +82,7 @@ impl InventoryProbe for HostProbe {
     async fn inventory(&self) -> Inventory {
         let config = Arc::clone(&self.inner);
         // NVML and file reads block; keep them off the async workers.
-        match tokio::task::spawn_blocking(move || config.probe()).await {
+        let probed = match tokio::task::spawn_blocking(move || config.probe()).await {
             Ok(inventory) => inventory,
             Err(e) => {
                 tracing::error!(error = %e, "inventory probe did not complete");
@@ -85,6 +94,10 @@ impl InventoryProbe for HostProbe {
                     ..Inventory::default()
                 }
             }
+        };
+        Inventory {
+            model_memory_limit_bytes: self.memory_limit_bytes.unwrap_or(0),
+            ..probed
         }
     }
 }
@@ -138,6 +151,8 @@ impl HostConfig {
             accelerator: accelerator_for(&gpus).to_owned(),
             gpus,
             probe_notes: notes,
+            // The operator's setting, not a reading: `HostProbe::inventory` adds it.
+            model_memory_limit_bytes: 0,
         }
     }
 }
@@ -284,6 +299,19 @@ mod tests {
             (2048 * 1024, 1024 * 1024)
         );
         assert!(cpu::parse_meminfo("garbage").is_none());
+    }
+
+    #[tokio::test]
+    async fn the_operators_memory_limit_is_reported_beside_the_probed_memory() {
+        let data = tempfile::tempdir().unwrap();
+        let unlimited = fixture_probe("amd-box", data.path()).inventory().await;
+        assert_eq!(unlimited.model_memory_limit_bytes, 0);
+        let limited = fixture_probe("amd-box", data.path())
+            .with_memory_limit(Some(8 << 30))
+            .inventory()
+            .await;
+        assert_eq!(limited.model_memory_limit_bytes, 8 << 30);
+        assert_eq!(limited.memory_total_bytes, unlimited.memory_total_bytes);
     }
 
     #[tokio::test]

@@ -131,6 +131,7 @@ fn synthesize(seed: u64) -> Inventory {
         accelerator: accelerator_for(&gpus).to_owned(),
         gpus,
         probe_notes: Vec::new(),
+        model_memory_limit_bytes: 0,
     }
 }
 
