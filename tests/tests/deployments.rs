@@ -1,8 +1,9 @@
 //! Deployments end to end, in process: a real control plane (SQLite and PostgreSQL) places a
 //! signed model on a real agent, which pulls it over mTLS gRPC, verifies it, loads it with
 //! llama.cpp and serves it; revocation, deletion, corruption in transit, resumption,
-//! offline survival, and rollouts of a new model version (gated, rolled back on failure or
-//! by hand, carried on across a control-plane restart).
+//! offline survival, rollouts of a new model version (gated, rolled back on failure or by
+//! hand, carried on across a control-plane restart), and placement under an agent's memory
+//! limit, during a rollout too.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -893,6 +894,117 @@ async fn an_agents_memory_limit_keeps_models_that_need_more_off_its_node() {
     }
     assert_eq!(complete_at(limited_api, "small").await.status(), 200);
     limited.stop().await.unwrap();
+    w.stop(db).await;
+}
+
+/// A rollout to settings that need more memory than a capped node has: while the rollout
+/// has not reached that node, its replica still runs the old settings, and another
+/// deployment may use the memory those leave free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_the_rollout_has_not_reached_is_costed_with_the_settings_it_keeps() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    // Rollouts switch nodes in name order: `a-…` first, and it is stopped before the
+    // rollout, so its step never completes and `b-…` keeps the old settings meanwhile.
+    let (first, first_id, _) = w
+        .another_agent_configured("agent-a", |c| c.name = Some("a-first".into()))
+        .await;
+    let (capped, capped_id, _) = w
+        .another_agent_configured("agent-b", |c| {
+            c.name = Some("b-capped".into());
+            c.memory_limit_bytes = Some(256 << 20);
+        })
+        .await;
+    for node in [&first_id, &capped_id] {
+        w.admin
+            .client
+            .clone()
+            .label_node(w.admin.request(LabelNodeRequest {
+                node: node.clone(),
+                set: [("pool".to_owned(), "rollout".to_owned())].into(),
+                remove: vec![],
+            }))
+            .await
+            .unwrap();
+    }
+    w.deploy
+        .clone()
+        .create_deployment(w.admin.request(CreateDeploymentRequest {
+            name: "chat".into(),
+            model: "tiny-chat@1".into(),
+            selector: "pool=rollout".into(),
+            replicas: 2,
+            slots: 2,
+            context_per_slot: 512,
+            gpu_layers: None,
+            max_unavailable: 1,
+        }))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = w.show("chat").await;
+        let ready = d
+            .placed
+            .iter()
+            .filter(|r| {
+                r.status
+                    .as_ref()
+                    .is_some_and(|s| s.state == ModelState::Ready as i32)
+            })
+            .count();
+        if ready == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "chat not ready twice: {d:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.stop().await.unwrap();
+
+    // Two slots of 128 Ki tokens need more than the capped node's 256 MiB.
+    let rolling = w
+        .update(UpdateDeploymentRequest {
+            name: "chat".into(),
+            context_per_slot: Some(128 << 10),
+            ..UpdateDeploymentRequest::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        rolling.rollout.as_ref().map(|r| r.phase()),
+        Some(RolloutPhase::Progressing),
+        "{rolling:#?}"
+    );
+    let capped_name = w.admin.node(&capped_id).await.name;
+    let on_capped = |d: &Deployment| {
+        d.placed
+            .iter()
+            .find(|r| r.node_id == capped_id)
+            .and_then(|r| r.status.clone())
+    };
+    assert_eq!(
+        on_capped(&rolling).map(|s| s.assigned_context_per_slot),
+        Some(512),
+        "the capped node still runs the old settings: {rolling:#?}"
+    );
+
+    // Costed with the new settings, the capped node would have nothing left.
+    let side = w
+        .create_with_context("side", "tiny-chat@1", &format!("name={capped_name}"), 512)
+        .await
+        .unwrap();
+    assert_eq!(
+        side.placed.iter().map(|r| &r.node_id).collect::<Vec<_>>(),
+        [&capped_id],
+        "{side:#?}"
+    );
+    let still = w.show("chat").await;
+    assert_eq!(
+        still.rollout.as_ref().map(|r| r.phase()),
+        Some(RolloutPhase::Progressing),
+        "{still:#?}"
+    );
+    capped.stop().await.unwrap();
     w.stop(db).await;
 }
 
