@@ -477,15 +477,15 @@ async fn revoking_a_deployed_model_unloads_and_deletes_it_on_the_agent(backend: 
     w.stop(db).await;
 }
 
-/// `chat` on two nodes running `tiny-chat@1`, with the second agent, its id and API.
-async fn two_replicas(w: &World) -> (TestAgent, String, std::net::SocketAddr) {
-    let second = w.another_agent("agent-2").await;
+/// Creates `chat`: two replicas of `tiny-chat@1` with one slot of 512 tokens on the nodes
+/// `selector` matches, one node switched at a time; waits until both are ready.
+async fn chat_on_two_nodes(w: &World, selector: &str) {
     w.deploy
         .clone()
         .create_deployment(w.admin.request(CreateDeploymentRequest {
             name: "chat".into(),
             model: "tiny-chat@1".into(),
-            selector: "*".into(),
+            selector: selector.into(),
             replicas: 2,
             slots: 1,
             context_per_slot: 512,
@@ -507,11 +507,17 @@ async fn two_replicas(w: &World) -> (TestAgent, String, std::net::SocketAddr) {
             })
             .count();
         if ready == 2 {
-            break;
+            return;
         }
         assert!(Instant::now() < deadline, "two replicas not ready: {d:#?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `chat` on two nodes running `tiny-chat@1`, with the second agent, its id and API.
+async fn two_replicas(w: &World) -> (TestAgent, String, std::net::SocketAddr) {
+    let second = w.another_agent("agent-2").await;
+    chat_on_two_nodes(w, "*").await;
     second
 }
 
@@ -927,45 +933,14 @@ async fn a_replica_the_rollout_has_not_reached_is_costed_with_the_settings_it_ke
             .await
             .unwrap();
     }
-    w.deploy
-        .clone()
-        .create_deployment(w.admin.request(CreateDeploymentRequest {
-            name: "chat".into(),
-            model: "tiny-chat@1".into(),
-            selector: "pool=rollout".into(),
-            replicas: 2,
-            slots: 2,
-            context_per_slot: 512,
-            gpu_layers: None,
-            max_unavailable: 1,
-        }))
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let d = w.show("chat").await;
-        let ready = d
-            .placed
-            .iter()
-            .filter(|r| {
-                r.status
-                    .as_ref()
-                    .is_some_and(|s| s.state == ModelState::Ready as i32)
-            })
-            .count();
-        if ready == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "chat not ready twice: {d:#?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    chat_on_two_nodes(&w, "pool=rollout").await;
     first.stop().await.unwrap();
 
-    // Two slots of 128 Ki tokens need more than the capped node's 256 MiB.
+    // 256 Ki tokens of KV cache need more than the capped node's 256 MiB.
     let rolling = w
         .update(UpdateDeploymentRequest {
             name: "chat".into(),
-            context_per_slot: Some(128 << 10),
+            context_per_slot: Some(256 << 10),
             ..UpdateDeploymentRequest::default()
         })
         .await
