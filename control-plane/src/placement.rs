@@ -283,7 +283,7 @@ fn refusal(
     let capacity = memory_capacity(node);
     let free = capacity.saturating_sub(used_memory.get(node.id.as_str()).copied().unwrap_or(0));
     if demand.memory_bytes > free {
-        let limit = if capacity == node.memory_limit_bytes {
+        let limit = if node.memory_limit_bytes > 0 && capacity == node.memory_limit_bytes {
             format!(" of the node's {} memory limit", gib(capacity))
         } else {
             String::new()
@@ -486,15 +486,19 @@ mod tests {
             "{reason}"
         );
 
-        // A limit above what the node has changes nothing.
+        // A limit above what the node has changes nothing, and no limit is named where the
+        // node has none (not even on a node that reported no memory at all).
         capped.memory_limit_bytes = 1024 * GIB;
-        let p = place(&[capped], &[demand("m", "*", 1, 60)], Strategy::Spread);
-        assert!(p.placed["m"].is_empty());
-        assert!(
-            !p.unschedulable["m"].reasons[0].contains("limit"),
-            "{:?}",
-            p.unschedulable["m"].reasons
+        let unreported = node("unreported", 0);
+        let p = place(
+            &[capped, unreported],
+            &[demand("m", "*", 1, 60)],
+            Strategy::Spread,
         );
+        assert!(p.placed["m"].is_empty());
+        let reasons = &p.unschedulable["m"].reasons;
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(!reasons.iter().any(|r| r.contains("limit")), "{reasons:?}");
     }
 
     #[test]
