@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use steward_db::AssignedModel;
+use steward_db::{AssignedModel, ServingSettings};
 
 use crate::rollout::Revision;
 
@@ -169,30 +169,31 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
 
     for demand in demands {
         // What a replica on `node` runs, and the memory that takes.
-        let assignment_on = |node: &NodeView| match demand.pinned.get(&node.id) {
-            Some(Kept {
-                revision: kept,
-                memory_bytes,
-            }) => (
-                AssignedModel {
-                    deployment: demand.deployment.clone(),
-                    digest: kept.digest.clone(),
-                    slots: kept.settings.slots,
-                    context_per_slot: kept.settings.context_per_slot,
-                    gpu_layers: kept.settings.gpu_layers,
-                },
-                *memory_bytes,
-            ),
-            None => (
-                AssignedModel {
-                    deployment: demand.deployment.clone(),
-                    digest: demand.digest.clone(),
-                    slots: demand.slots,
-                    context_per_slot: demand.context_per_slot,
-                    gpu_layers: demand.gpu_layers,
-                },
-                demand.memory_bytes,
-            ),
+        let assignment_on = |node: &NodeView| {
+            let (digest, settings, memory) = match demand.pinned.get(&node.id) {
+                Some(kept) => (
+                    &kept.revision.digest,
+                    kept.revision.settings,
+                    kept.memory_bytes,
+                ),
+                None => (
+                    &demand.digest,
+                    ServingSettings {
+                        slots: demand.slots,
+                        context_per_slot: demand.context_per_slot,
+                        gpu_layers: demand.gpu_layers,
+                    },
+                    demand.memory_bytes,
+                ),
+            };
+            let assignment = AssignedModel {
+                deployment: demand.deployment.clone(),
+                digest: digest.clone(),
+                slots: settings.slots,
+                context_per_slot: settings.context_per_slot,
+                gpu_layers: settings.gpu_layers,
+            };
+            (assignment, memory)
         };
         let mut chosen: BTreeSet<&str> = BTreeSet::new();
         // Keep replicas where they run.
@@ -328,8 +329,6 @@ fn gib(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use steward_db::ServingSettings;
-
     use super::*;
 
     const GIB: u64 = 1 << 30;
