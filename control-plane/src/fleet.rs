@@ -455,6 +455,11 @@ impl Fleet {
                     slots: assigned.slots,
                     context_per_slot: assigned.context_per_slot,
                     gpu_layers: assigned.gpu_layers,
+                    memory_estimate_bytes: crate::deployments::memory_needed(
+                        artifact,
+                        assigned.slots,
+                        assigned.context_per_slot,
+                    ),
                 });
             }
             states.push(DesiredState {

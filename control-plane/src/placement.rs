@@ -7,6 +7,10 @@
 //! - A replica already placed on a node stays there while the node still matches the
 //!   selector and is not draining, even if the node is unavailable or cordoned (what runs
 //!   keeps running; an agent that lost the control plane keeps serving, invariant 3).
+//!   Running replicas are counted before new ones are placed, so a new replica never takes
+//!   the memory of a running one. One that no longer fits under its node's memory limit
+//!   (the operator lowered it) is placed anew: those not pinned by a rollout are counted in
+//!   deployment-name order, as the agent itself admits its models up to that limit.
 //! - A kept replica runs the digest its deployment pins for that node (a rollout not yet
 //!   at that node keeps the previous model there); every other replica runs the
 //!   deployment's digest.
@@ -167,48 +171,49 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
         out.nodes.insert(node.id.clone(), Vec::new());
     }
 
-    for demand in demands {
-        // What a replica on `node` runs, and the memory that takes.
-        let assignment_on = |node: &NodeView| {
-            let (digest, settings, memory) = match demand.pinned.get(&node.id) {
-                Some(kept) => (
-                    &kept.revision.digest,
-                    kept.revision.settings,
-                    kept.memory_bytes,
-                ),
-                None => (
-                    &demand.digest,
-                    ServingSettings {
-                        slots: demand.slots,
-                        context_per_slot: demand.context_per_slot,
-                        gpu_layers: demand.gpu_layers,
-                    },
-                    demand.memory_bytes,
-                ),
-            };
-            let assignment = AssignedModel {
-                deployment: demand.deployment.clone(),
-                digest: digest.clone(),
-                slots: settings.slots,
-                context_per_slot: settings.context_per_slot,
-                gpu_layers: settings.gpu_layers,
-            };
-            (assignment, memory)
-        };
-        let mut chosen: BTreeSet<&str> = BTreeSet::new();
-        // Keep replicas where they run.
-        for node in &nodes {
-            if chosen.len() as u32 >= demand.replicas {
-                break;
-            }
-            let kept = node
-                .assigned
-                .iter()
-                .any(|a| a.deployment == demand.deployment);
-            if kept && !node.draining && demand.selector.matches(node) {
-                chosen.insert(&node.id);
+    // Replicas stay where they run. They are counted before any new replica is placed, so
+    // that a new one never takes the memory of one already running (under a later name).
+    // A replica its rollout pins is kept whatever it costs: the rollout gates the switch
+    // (the agent refuses a model over its memory limit, the step fails, the rollout rolls
+    // back). Every other one is kept while it fits under the node's memory limit, counted
+    // in deployment-name order as the agent admits its models; one over a lowered limit is
+    // placed anew. Only the operator's limit is checked again here, not the probed memory,
+    // which a failed probe may report as less for a while.
+    let mut kept: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    for pinned_round in [false, true] {
+        for demand in &demands {
+            let on = kept.entry(demand.deployment.as_str()).or_default();
+            for node in &nodes {
+                if on.len() as u32 >= demand.replicas {
+                    break;
+                }
+                let pinned = demand.pinned.contains_key(&node.id);
+                let runs_here = node
+                    .assigned
+                    .iter()
+                    .any(|a| a.deployment == demand.deployment);
+                if pinned != pinned_round
+                    || !runs_here
+                    || node.draining
+                    || !demand.selector.matches(node)
+                {
+                    continue;
+                }
+                let (_, memory) = assignment_on(demand, node, true);
+                let used = used_memory.entry(&node.id).or_default();
+                let limit = node.memory_limit_bytes;
+                if !pinned && limit > 0 && used.saturating_add(memory) > limit {
+                    continue;
+                }
+                *used += memory;
+                on.insert(&node.id);
             }
         }
+    }
+
+    for demand in demands {
+        let kept_here = kept.remove(demand.deployment.as_str()).unwrap_or_default();
+        let mut chosen = kept_here.clone();
         let mut reasons = Vec::new();
         let mut candidates: Vec<&NodeView> = Vec::new();
         for node in &nodes {
@@ -238,8 +243,11 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
         let mut placed_names = Vec::new();
         for node in &nodes {
             if chosen.contains(node.id.as_str()) {
-                let (assignment, memory) = assignment_on(node);
-                *used_memory.entry(&node.id).or_default() += memory;
+                let keeps = kept_here.contains(node.id.as_str());
+                let (assignment, memory) = assignment_on(demand, node, keeps);
+                if !keeps {
+                    *used_memory.entry(&node.id).or_default() += memory;
+                }
                 if !node.assigned.iter().any(|a| a.digest == assignment.digest) {
                     *used_disk.entry(&node.id).or_default() += demand.size_bytes;
                 }
@@ -263,6 +271,37 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
         out.placed.insert(demand.deployment.clone(), placed_names);
     }
     out
+}
+
+/// What a replica of `demand` on `node` runs, and the memory that takes: a replica kept
+/// where a rollout pins it keeps the pinned model and settings; every other one (a new
+/// replica too) takes the deployment's.
+fn assignment_on(demand: &Demand, node: &NodeView, kept: bool) -> (AssignedModel, u64) {
+    let pin = demand.pinned.get(&node.id).filter(|_| kept);
+    let (digest, settings, memory) = match pin {
+        Some(kept) => (
+            &kept.revision.digest,
+            kept.revision.settings,
+            kept.memory_bytes,
+        ),
+        None => (
+            &demand.digest,
+            ServingSettings {
+                slots: demand.slots,
+                context_per_slot: demand.context_per_slot,
+                gpu_layers: demand.gpu_layers,
+            },
+            demand.memory_bytes,
+        ),
+    };
+    let assignment = AssignedModel {
+        deployment: demand.deployment.clone(),
+        digest: digest.clone(),
+        slots: settings.slots,
+        context_per_slot: settings.context_per_slot,
+        gpu_layers: settings.gpu_layers,
+    };
+    (assignment, memory)
 }
 
 /// Why `node` cannot take a new replica of `demand`, if it cannot.
@@ -498,6 +537,82 @@ mod tests {
         let reasons = &p.unschedulable["m"].reasons;
         assert_eq!(reasons.len(), 2, "{reasons:?}");
         assert!(!reasons.iter().any(|r| r.contains("limit")), "{reasons:?}");
+    }
+
+    #[test]
+    fn a_replica_that_no_longer_fits_under_a_lowered_limit_is_placed_anew() {
+        let mut shrunk = node("box", 64);
+        shrunk.memory_limit_bytes = 10 * GIB;
+        shrunk.assigned = vec![running("m1", "digest-m1"), running("m2", "digest-m2")];
+        let demands = [demand("m1", "*", 1, 6), demand("m2", "*", 1, 6)];
+        let p = place(
+            &[shrunk.clone(), node("other", 64)],
+            &demands,
+            Strategy::Spread,
+        );
+        assert_eq!(p.placed["m1"], ["box"], "the first in name order stays");
+        assert_eq!(p.placed["m2"], ["other"], "the one over the limit moves");
+
+        // With nowhere else to go it is unschedulable, and says why.
+        let p = place(&[shrunk], &demands, Strategy::Spread);
+        assert_eq!(p.placed["m1"], ["box"]);
+        assert!(p.placed["m2"].is_empty(), "{p:#?}");
+        let reason = &p.unschedulable["m2"].reasons[0];
+        assert!(
+            reason.contains("4.00 GiB is left of the node's 10.00 GiB memory limit"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn a_replica_its_rollout_pins_is_kept_over_the_limit_and_moves_no_other() {
+        // "alpha" rolls to a revision costing 8 GiB on a node limited to 10; "zeta" runs
+        // there with 6. The rollout's step fails on the agent and rolls back; meanwhile
+        // neither replica is moved.
+        let mut node_box = node("box", 64);
+        node_box.memory_limit_bytes = 10 * GIB;
+        node_box.assigned = vec![running("alpha", "old"), running("zeta", "digest-zeta")];
+        let mut alpha = demand("alpha", "*", 1, 8);
+        alpha
+            .pinned
+            .insert("id-box".into(), kept("digest-alpha", 8));
+        let p = place(
+            &[node_box, node("other", 64)],
+            &[alpha, demand("zeta", "*", 1, 6)],
+            Strategy::Spread,
+        );
+        assert_eq!(p.placed["alpha"], ["box"]);
+        assert_eq!(p.placed["zeta"], ["box"]);
+        assert_eq!(p.nodes["id-box"][0].digest, "digest-alpha");
+    }
+
+    #[test]
+    fn a_replica_stays_when_its_node_reports_less_memory_for_a_while() {
+        // A GPU probe that failed leaves only the RAM; no limit was lowered.
+        let mut shrunk = node("a", 4);
+        shrunk.assigned = vec![running("m", "digest-m")];
+        let p = place(
+            &[shrunk, node("b", 64)],
+            &[demand("m", "*", 1, 6)],
+            Strategy::Spread,
+        );
+        assert_eq!(p.placed["m"], ["a"]);
+    }
+
+    #[test]
+    fn a_new_replica_never_takes_the_memory_of_one_running_under_a_later_name() {
+        // "zeta" runs on node a (6 of its 9 GiB); "alpha", placed first by name, needs 4.
+        let mut a = node("a", 10);
+        a.assigned = vec![running("zeta", "digest-zeta")];
+        let demands = [demand("alpha", "*", 1, 4), demand("zeta", "*", 1, 6)];
+        let p = place(&[a.clone()], &demands, Strategy::Spread);
+        assert_eq!(p.placed["zeta"], ["a"]);
+        assert!(p.placed["alpha"].is_empty(), "{p:#?}");
+        assert!(p.unschedulable["alpha"].reasons[0].contains("not enough memory"));
+        // A second node takes it.
+        let p = place(&[a, node("b", 10)], &demands, Strategy::Spread);
+        assert_eq!(p.placed["alpha"], ["b"]);
+        assert_eq!(p.placed["zeta"], ["a"]);
     }
 
     #[test]

@@ -40,7 +40,7 @@ pub struct AgentConfig {
     /// HTTP/2 receive windows of artifact pulls.
     pub pull_windows: Windows,
     /// The most memory the control plane may give to models on this node (default: the
-    /// node's own memory).
+    /// node's own memory); the agent itself loads assigned models only up to it.
     pub memory_limit_bytes: Option<u64>,
 }
 
@@ -140,6 +140,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 config.control_plane.clone(),
                 LoadDefaults {
                     threads: config.threads,
+                    memory_limit_bytes: config.memory_limit_bytes,
                     ..LoadDefaults::default()
                 },
             );

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::MemoryBudget;
 use crate::artifacts::ArtifactCache;
 use crate::backoff::Backoff;
 use crate::identity::IdentityStore;
@@ -25,6 +26,9 @@ use crate::serving::{Assigned, Serving, Slot};
 #[derive(Clone, Debug)]
 pub struct LoadDefaults {
     pub threads: Option<u32>,
+    /// The most memory assigned models may take together (the agent's
+    /// `--memory-limit-gib`), by the control plane's estimates; `None`: no limit.
+    pub memory_limit_bytes: Option<u64>,
     /// While the node drains, how long requests already running on a model that moves
     /// elsewhere may take to finish before it is unloaded.
     pub drain_grace: Duration,
@@ -34,6 +38,7 @@ impl Default for LoadDefaults {
     fn default() -> Self {
         Self {
             threads: None,
+            memory_limit_bytes: None,
             drain_grace: Duration::from_secs(30),
         }
     }
@@ -102,7 +107,9 @@ impl Assignments {
         let stale: Vec<String> = running
             .iter()
             .filter(|(name, r)| {
-                wanted.get(name.as_str()) != Some(&&r.assignment)
+                !wanted
+                    .get(name.as_str())
+                    .is_some_and(|w| same_model(w, &r.assignment))
                     || revoked.contains(r.assignment.digest.as_str())
             })
             .map(|(name, _)| name.clone())
@@ -132,6 +139,15 @@ impl Assignments {
             self.cache.remove(digest);
         }
         let trust = state.trust.clone().unwrap_or_default();
+        // What runs keeps running (it was admitted under the same limit), counted with the
+        // control plane's latest estimate; new models are admitted in name order.
+        let mut budget = MemoryBudget::new(self.defaults.memory_limit_bytes);
+        for (name, r) in running.iter_mut() {
+            if let Some(w) = wanted.get(name.as_str()) {
+                r.assignment.memory_estimate_bytes = w.memory_estimate_bytes;
+            }
+            budget.charge(&r.assignment);
+        }
         for (name, assignment) in wanted {
             if running.contains_key(name) {
                 continue;
@@ -142,6 +158,12 @@ impl Assignments {
                     &Assigned::from(assignment),
                     Slot::Failed("the artifact is revoked; it will not be loaded".into()),
                 );
+                continue;
+            }
+            if let Err(reason) = budget.admit(assignment) {
+                tracing::warn!(model = %name, digest = %assignment.digest, %reason, "assigned model refused");
+                self.serving
+                    .set_state(name, &Assigned::from(assignment), Slot::Failed(reason));
                 continue;
             }
             let cancel = CancellationToken::new();
@@ -276,4 +298,14 @@ impl Assignments {
             .pull(&mut client, assignment, trust, &progress, began)
             .await
     }
+}
+
+/// Whether a running model is still what `wanted` assigns: everything but the control
+/// plane's memory estimate (which a newer control plane may compute differently) counts.
+fn same_model(wanted: &ModelAssignment, running: &ModelAssignment) -> bool {
+    *wanted
+        == ModelAssignment {
+            memory_estimate_bytes: wanted.memory_estimate_bytes,
+            ..running.clone()
+        }
 }

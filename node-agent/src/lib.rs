@@ -6,12 +6,14 @@
 //! - [`session`]: the one long-lived session: hello, heartbeats, inventory, desired state.
 //! - [`reconciler`]: applies desired state idempotently and persists it ([`state`]).
 //! - [`assignments`]: runs the models the desired state assigns (pull, verify, load, unload).
+//! - [`admission`]: which assigned models fit under the operator's memory limit.
 //! - [`artifacts`]: the artifact cache: resumable verified pulls, revocation, LRU eviction.
 //! - [`serving`]: the inference engine's models, the OpenAI-compatible API, model status.
 //! - [`inventory`]: GPU/CPU/memory/disk probes, real and synthetic.
 //! - [`simulate`]: many agents in one process with synthetic hardware and the real session
 //!   code, for scale tests and benchmarks.
 
+pub mod admission;
 pub mod agent;
 pub mod artifacts;
 pub mod assignments;

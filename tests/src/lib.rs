@@ -135,9 +135,20 @@ impl TestControlPlane {
 
     /// Stops and starts on the *same* ports, so running agents can find it again.
     pub async fn restart_in_place(&mut self) {
+        let ports = self.pause().await;
+        self.resume(ports).await;
+    }
+
+    /// Stops it; [`TestControlPlane::resume`] starts it again on the ports returned.
+    pub async fn pause(&mut self) -> (std::net::SocketAddr, std::net::SocketAddr) {
         let cp = self.control_plane.take().expect("running");
-        let (grpc, http) = (cp.grpc_addr, cp.http_addr);
+        let ports = (cp.grpc_addr, cp.http_addr);
         cp.stop().await;
+        ports
+    }
+
+    /// Starts a paused control plane on the same ports, so running agents find it again.
+    pub async fn resume(&mut self, (grpc, http): (std::net::SocketAddr, std::net::SocketAddr)) {
         let listeners = Listeners {
             grpc: bind_retrying(grpc).await,
             http: bind_retrying(http).await,

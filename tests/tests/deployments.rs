@@ -301,18 +301,29 @@ impl World {
 
     /// Waits until the deployment's replica on our node reports `state`.
     async fn wait_replica(&self, name: &str, state: ModelState, within: Duration) -> Deployment {
+        self.wait_replica_on(name, &self.node_id, state, within)
+            .await
+    }
+
+    /// Waits until the deployment's replica on `node` (an id) reports `state`.
+    async fn wait_replica_on(
+        &self,
+        name: &str,
+        node: &str,
+        state: ModelState,
+        within: Duration,
+    ) -> Deployment {
         let deadline = Instant::now() + within;
         loop {
             let d = self.show(name).await;
             if d.placed.iter().any(|r| {
-                r.node_id == self.node_id
-                    && r.status.as_ref().is_some_and(|s| s.state == state as i32)
+                r.node_id == node && r.status.as_ref().is_some_and(|s| s.state == state as i32)
             }) {
                 return d;
             }
             assert!(
                 Instant::now() < deadline,
-                "replica of {name} not {state:?} in {within:?}: {d:#?}"
+                "replica of {name} on {node} not {state:?} in {within:?}: {d:#?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -883,24 +894,101 @@ async fn an_agents_memory_limit_keeps_models_that_need_more_off_its_node() {
     w.create_with_context("small", "tiny-chat@1", &selector, 512)
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let d = w.show("small").await;
-        let ready = d.placed.iter().any(|r| {
-            r.node_id == limited_id
-                && r.status
-                    .as_ref()
-                    .is_some_and(|s| s.state == ModelState::Ready as i32)
-        });
-        if ready {
-            break;
-        }
-        assert!(Instant::now() < deadline, "small not ready: {d:#?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    w.wait_replica_on(
+        "small",
+        &limited_id,
+        ModelState::Ready,
+        Duration::from_secs(60),
+    )
+    .await;
     assert_eq!(complete_at(limited_api, "small").await.status(), 200);
     limited.stop().await.unwrap();
     w.stop(db).await;
+}
+
+/// An operator restarts an agent with a lower memory limit while its control plane is
+/// down: from its last desired state the agent loads, in name order, only the models that
+/// fit. When the control plane is back and sees the new limit, it takes the other replica
+/// off the node and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_restarted_under_a_lower_memory_limit_loads_only_what_fits() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut w = World::start(&db).await;
+    let (agent, id, api) = w.another_agent("agent-shrinks").await;
+    let selector = format!("name={}", w.admin.node(&id).await.name);
+    for name in ["a-first", "b-second"] {
+        w.create(name, "tiny-chat@1", &selector).await.unwrap();
+    }
+    for name in ["a-first", "b-second"] {
+        w.wait_replica_on(name, &id, ModelState::Ready, Duration::from_secs(60))
+            .await;
+    }
+    let artifact =
+        w.cp.store()
+            .find_artifact(&w.model.digest)
+            .await
+            .unwrap()
+            .unwrap();
+    // Both deployments have two slots of 512 tokens: room for one and a half.
+    let one = steward_control_plane::deployments::memory_needed(&artifact, 2, 512);
+    let data_dir = agent.data_dir.clone();
+    agent.stop().await.unwrap();
+    let ports = w.cp.pause().await;
+
+    let agent = TestAgent::start_configured(
+        &w.cp.endpoint,
+        &data_dir,
+        None,
+        Some(ServingConfig {
+            listen: api,
+            api_keys: vec![API_KEY.into()],
+            models: Vec::new(),
+        }),
+        |c| c.memory_limit_bytes = Some(one + one / 2),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while complete_at_once(api, "a-first").await != Some(200) {
+        assert!(
+            Instant::now() < deadline,
+            "a-first not served after restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Both were in the desired state the agent restarted with; the second was not loaded.
+    assert_eq!(complete_at(api, "b-second").await.status(), 404);
+
+    w.cp.resume(ports).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = w.show("b-second").await;
+        let off_the_node = d.placed.iter().all(|r| r.node_id != id);
+        let why = d
+            .unschedulable_reasons
+            .iter()
+            .any(|r| r.contains("not enough memory") && r.contains("memory limit"));
+        if off_the_node && d.missing_replicas == 1 && why {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b-second still placed: {d:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.wait_replica_on("a-first", &id, ModelState::Ready, Duration::from_secs(30))
+        .await;
+    assert_eq!(complete_at(api, "a-first").await.status(), 200);
+    agent.stop().await.unwrap();
+    w.stop(db).await;
+}
+
+/// The status of one completion request, or `None` while the API does not answer.
+async fn complete_at_once(api: std::net::SocketAddr, model: &str) -> Option<u16> {
+    reqwest::Client::new()
+        .post(format!("http://{api}/v1/completions"))
+        .bearer_auth(API_KEY)
+        .json(&serde_json::json!({"model": model, "prompt": "hello", "max_tokens": 2}))
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
 }
 
 /// A rollout to settings that need more memory than a capped node has: while the rollout
@@ -1152,14 +1240,8 @@ async fn an_agent_restarted_without_its_control_plane_serves_what_it_last_applie
     // The API comes up once the agent restarted; the model loads from its cache.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let status = reqwest::Client::new()
-            .post(format!("http://{}/v1/completions", w.api))
-            .bearer_auth(API_KEY)
-            .json(&serde_json::json!({"model": "chat", "prompt": "hello", "max_tokens": 2}))
-            .send()
-            .await
-            .map(|r| r.status().as_u16());
-        if status.as_ref().is_ok_and(|s| *s == 200) {
+        let status = complete_at_once(w.api, "chat").await;
+        if status == Some(200) {
             break;
         }
         assert!(

@@ -119,7 +119,7 @@ struct InferenceArgs {
     /// The most memory, in GiB, the control plane may give to models on this node (RAM, or
     /// the largest GPU's memory where models run on a GPU), to leave the rest of the host to
     /// other work. Default: the node's own memory.
-    #[arg(long, allow_negative_numbers = true, value_parser = positive_gib)]
+    #[arg(long, allow_negative_numbers = true, value_parser = memory_limit_gib)]
     memory_limit_gib: Option<f64>,
     /// API keys clients must present (comma-separated in the environment). Without one,
     /// a key is generated into <data dir>/api-key.
@@ -160,9 +160,10 @@ fn cache_budget(text: &str) -> Result<f64, String> {
     finite_number(text, |gib| gib >= 0.0, "a size of zero or more GiB")
 }
 
-/// A size in GiB: a finite number above zero.
-fn positive_gib(text: &str) -> Result<f64, String> {
-    finite_number(text, |gib| gib > 0.0, "a size above zero in GiB")
+/// A memory limit in GiB: a finite number of at least 0.001 (about a MiB; a smaller one
+/// would round to no bytes, which the inventory reports as "no limit").
+fn memory_limit_gib(text: &str) -> Result<f64, String> {
+    finite_number(text, |gib| gib >= 0.001, "a size of at least 0.001 GiB")
 }
 
 /// A rate in MiB/s: a finite number above zero.
@@ -403,6 +404,7 @@ mod tests {
             ["--cache-budget-gib", "-1"],
             ["--cache-budget-gib", "inf"],
             ["--memory-limit-gib", "0"],
+            ["--memory-limit-gib", "1e-12"],
             ["--memory-limit-gib", "-2"],
             ["--memory-limit-gib", "lots"],
         ] {
