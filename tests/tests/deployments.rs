@@ -2,8 +2,8 @@
 //! signed model on a real agent, which pulls it over mTLS gRPC, verifies it, loads it with
 //! llama.cpp and serves it; revocation, deletion, corruption in transit, resumption,
 //! offline survival, rollouts of a new model version (gated, rolled back on failure or by
-//! hand, carried on across a control-plane restart), and placement under an agent's memory
-//! limit, during a rollout too.
+//! hand, carried on across a control-plane restart), and an agent's memory limit: honoured
+//! by placement (during a rollout too, and re-checked when lowered) and by the agent itself.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -976,6 +976,58 @@ async fn an_agent_restarted_under_a_lower_memory_limit_loads_only_what_fits() {
         .await;
     assert_eq!(complete_at(api, "a-first").await.status(), 200);
     agent.stop().await.unwrap();
+    w.stop(db).await;
+}
+
+/// A rollout to settings that need more memory than an agent's limit allows: the control
+/// plane keeps the replica the rollout pins there, the agent refuses to load it, and the
+/// rollout fails with the agent's reason and rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_over_an_agents_memory_limit_fails_on_the_agent_and_rolls_back() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    let (capped, capped_id, capped_api) = w
+        .another_agent_configured("agent-capped", |c| c.memory_limit_bytes = Some(256 << 20))
+        .await;
+    let selector = format!("name={}", w.admin.node(&capped_id).await.name);
+    w.create("chat", "tiny-chat@1", &selector).await.unwrap();
+    w.wait_replica_on(
+        "chat",
+        &capped_id,
+        ModelState::Ready,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    // Two slots of 128 Ki tokens: 256 MiB of KV cache beside the weights.
+    w.update(UpdateDeploymentRequest {
+        name: "chat".into(),
+        context_per_slot: Some(128 << 10),
+        ..UpdateDeploymentRequest::default()
+    })
+    .await
+    .unwrap();
+    let d = w
+        .wait_rollout("chat", RolloutPhase::RolledBack, Duration::from_secs(60))
+        .await;
+    let message = d.rollout.unwrap().message;
+    assert!(
+        message.contains("the new model failed: not loaded: over the node's memory limit"),
+        "{message}"
+    );
+    assert_eq!(d.context_per_slot, 512, "back on the previous settings");
+    let d = w
+        .wait_replica_on(
+            "chat",
+            &capped_id,
+            ModelState::Ready,
+            Duration::from_secs(60),
+        )
+        .await;
+    let status = d.placed[0].status.as_ref().unwrap();
+    assert_eq!(status.assigned_context_per_slot, 512);
+    assert_eq!(complete_at(capped_api, "chat").await.status(), 200);
+    capped.stop().await.unwrap();
     w.stop(db).await;
 }
 
