@@ -10,7 +10,8 @@
 //!   Running replicas are counted before new ones are placed, so a new replica never takes
 //!   the memory of a running one. One that no longer fits under its node's memory limit
 //!   (the operator lowered it) is placed anew: those not pinned by a rollout are counted in
-//!   deployment-name order, as the agent itself admits its models up to that limit.
+//!   deployment-name order, as an agent restarted under a lower limit admits its models.
+//!   A replica a rollout pins stays whatever it costs (the rollout's gate decides).
 //! - A kept replica runs the digest its deployment pins for that node (a rollout not yet
 //!   at that node keeps the previous model there); every other replica runs the
 //!   deployment's digest.
@@ -566,24 +567,29 @@ mod tests {
 
     #[test]
     fn a_replica_its_rollout_pins_is_kept_over_the_limit_and_moves_no_other() {
-        // "alpha" rolls to a revision costing 8 GiB on a node limited to 10; "zeta" runs
-        // there with 6. The rollout's step fails on the agent and rolls back; meanwhile
-        // neither replica is moved.
+        // "alpha" rolls to a revision costing 8 GiB (its old one cost 1) on a node limited
+        // to 10; "zeta" runs there with 6. The rollout's step fails on the agent and rolls
+        // back; meanwhile neither replica moves, and nothing new fits beside them.
         let mut node_box = node("box", 64);
         node_box.memory_limit_bytes = 10 * GIB;
         node_box.assigned = vec![running("alpha", "old"), running("zeta", "digest-zeta")];
-        let mut alpha = demand("alpha", "*", 1, 8);
-        alpha
-            .pinned
-            .insert("id-box".into(), kept("digest-alpha", 8));
+        let mut alpha = demand("alpha", "*", 1, 1);
+        alpha.pinned.insert("id-box".into(), kept("rolled-to", 8));
         let p = place(
             &[node_box, node("other", 64)],
-            &[alpha, demand("zeta", "*", 1, 6)],
+            &[
+                alpha,
+                demand("zeta", "*", 1, 6),
+                demand("newcomer", "box", 1, 1),
+            ],
             Strategy::Spread,
         );
         assert_eq!(p.placed["alpha"], ["box"]);
         assert_eq!(p.placed["zeta"], ["box"]);
-        assert_eq!(p.nodes["id-box"][0].digest, "digest-alpha");
+        assert_eq!(p.nodes["id-box"][0].digest, "rolled-to");
+        assert!(p.placed["newcomer"].is_empty(), "{p:#?}");
+        let reason = &p.unschedulable["newcomer"].reasons[0];
+        assert!(reason.contains("0.00 GiB is left"), "{reason}");
     }
 
     #[test]

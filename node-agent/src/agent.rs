@@ -40,7 +40,8 @@ pub struct AgentConfig {
     /// HTTP/2 receive windows of artifact pulls.
     pub pull_windows: Windows,
     /// The most memory the control plane may give to models on this node (default: the
-    /// node's own memory); the agent itself loads assigned models only up to it.
+    /// node's own memory; 0 is no limit either); the agent itself loads assigned models
+    /// only up to it.
     pub memory_limit_bytes: Option<u64>,
 }
 
@@ -115,8 +116,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let reconciler = Arc::new(Reconciler::new(Arc::new(FileStateStore::new(
         &config.data_dir,
     )))?);
-    let probe =
-        Arc::new(HostProbe::new(&config.data_dir).with_memory_limit(config.memory_limit_bytes));
+    // A limit of 0 bytes would be reported as "no limit" while refusing every model.
+    let memory_limit = config.memory_limit_bytes.filter(|&bytes| bytes > 0);
+    let probe = Arc::new(HostProbe::new(&config.data_dir).with_memory_limit(memory_limit));
     let serving = match config.serving.clone() {
         Some(serving) => {
             let inventory = probe.inventory().await;
@@ -140,7 +142,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 config.control_plane.clone(),
                 LoadDefaults {
                     threads: config.threads,
-                    memory_limit_bytes: config.memory_limit_bytes,
+                    memory_limit_bytes: memory_limit,
                     ..LoadDefaults::default()
                 },
             );

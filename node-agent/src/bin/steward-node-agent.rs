@@ -118,7 +118,8 @@ struct InferenceArgs {
     pull_window_mib: u32,
     /// The most memory, in GiB, the control plane may give to models on this node (RAM, or
     /// the largest GPU's memory where models run on a GPU), to leave the rest of the host to
-    /// other work. Default: the node's own memory.
+    /// other work. The agent itself loads assigned models only up to it, by the control
+    /// plane's estimates. Default: the node's own memory.
     #[arg(long, allow_negative_numbers = true, value_parser = memory_limit_gib)]
     memory_limit_gib: Option<f64>,
     /// API keys clients must present (comma-separated in the environment). Without one,
