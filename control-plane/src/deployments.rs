@@ -704,7 +704,9 @@ impl Deployments {
             artifact: artifact.clone(),
         };
         trusted(policy, &model)?;
-        let pinned = self.kept(&artifact, pinned).await?;
+        let pinned = self
+            .kept(&artifact, pinned, rollout::rolled_from(d).as_ref())
+            .await?;
         Ok(Demand {
             deployment: d.name.clone(),
             digest: d.digest.clone(),
@@ -719,42 +721,52 @@ impl Deployments {
         })
     }
 
-    /// Costs each replica a rollout pins with the model and settings it keeps. `current` is
-    /// the deployment's own artifact; a kept artifact no longer in the registry is costed
-    /// as the current one.
+    /// Costs each replica a rollout pins with the model and settings it keeps, and no less
+    /// than the revision the rollout would go back to (`way_back`), so that a failed
+    /// rollout always has room to return. `current` is the deployment's own artifact; a
+    /// kept artifact no longer in the registry is costed as the current one.
     async fn kept(
         &self,
         current: &ArtifactRecord,
         pinned: BTreeMap<String, rollout::Revision>,
+        way_back: Option<&rollout::Revision>,
     ) -> Result<BTreeMap<String, Kept>, String> {
         // Other artifacts than `current`, each looked up once (outside a rollout there are none).
         let mut others: BTreeMap<String, Option<ArtifactRecord>> = BTreeMap::new();
-        let mut out = BTreeMap::new();
-        for (node, revision) in pinned {
-            if revision.digest != current.digest && !others.contains_key(&revision.digest) {
+        let digests = pinned.values().chain(way_back).map(|r| &r.digest);
+        for digest in digests {
+            if *digest != current.digest && !others.contains_key(digest) {
                 let found = self
                     .fleet
                     .store
-                    .find_artifact(&revision.digest)
+                    .find_artifact(digest)
                     .await
                     .map_err(|e| steward_telemetry::chain(&e).to_string())?;
-                others.insert(revision.digest.clone(), found);
+                others.insert(digest.clone(), found);
             }
+        }
+        let cost = |revision: &rollout::Revision| {
             let artifact = others
                 .get(&revision.digest)
                 .and_then(Option::as_ref)
                 .unwrap_or(current);
             let settings = &revision.settings;
-            let memory_bytes = memory_needed(artifact, settings.slots, settings.context_per_slot);
-            out.insert(
-                node,
-                Kept {
-                    revision,
-                    memory_bytes,
-                },
-            );
-        }
-        Ok(out)
+            memory_needed(artifact, settings.slots, settings.context_per_slot)
+        };
+        let reserved = way_back.map_or(0, cost);
+        Ok(pinned
+            .into_iter()
+            .map(|(node, revision)| {
+                let memory_bytes = cost(&revision).max(reserved);
+                (
+                    node,
+                    Kept {
+                        revision,
+                        memory_bytes,
+                    },
+                )
+            })
+            .collect())
     }
 }
 

@@ -75,7 +75,8 @@ pub struct NodeView {
 #[derive(Clone, Debug)]
 pub struct Kept {
     pub revision: Revision,
-    /// Memory to load the kept model with the kept settings (not the new ones').
+    /// Memory to load the kept model with the kept settings (not the new ones'), and no
+    /// less than what the revision its rollout would go back to needs.
     pub memory_bytes: u64,
 }
 

@@ -184,6 +184,17 @@ pub fn settings_of(
     )
 }
 
+/// The revision an active rollout started from: where a failed rollout goes back to, so
+/// placement keeps room for it on every node the rollout pins.
+pub fn rolled_from(record: &DeploymentRecord) -> Option<Revision> {
+    let rollout = record.rollout.as_ref().filter(|r| r.phase.is_active())?;
+    let (from, _) = settings_of(record, rollout);
+    Some(Revision {
+        digest: rollout.from.digest.clone(),
+        settings: from,
+    })
+}
+
 pub fn current_model(record: &DeploymentRecord) -> ModelRef {
     ModelRef {
         name: record.model_name.clone(),

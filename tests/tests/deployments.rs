@@ -1031,6 +1031,101 @@ async fn a_rollout_over_an_agents_memory_limit_fails_on_the_agent_and_rolls_back
     w.stop(db).await;
 }
 
+/// A rollout to a smaller revision keeps room on each node it switched for the revision it
+/// would go back to: while the new model is still on its way to a capped node, the memory
+/// the old one used is not given to another deployment, so a failed rollout can return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_keeps_room_on_a_switched_node_for_its_way_back() {
+    const LIMIT: u64 = 256 << 20;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    let (capped, capped_id, api) = w
+        .another_agent_configured("agent-capped", |c| c.memory_limit_bytes = Some(LIMIT))
+        .await;
+    let selector = format!("name={}", w.admin.node(&capped_id).await.name);
+    w.create_with_context("chat", "tiny-chat@1", &selector, 64 << 10)
+        .await
+        .unwrap();
+    w.wait_replica_on(
+        "chat",
+        &capped_id,
+        ModelState::Ready,
+        Duration::from_secs(60),
+    )
+    .await;
+    // The same agent again, now pulling at 16 KiB/s: the new model takes minutes to arrive,
+    // which holds the rollout at its first step.
+    let data_dir = capped.data_dir.clone();
+    capped.stop().await.unwrap();
+    let capped = TestAgent::start_configured(
+        &w.cp.endpoint,
+        &data_dir,
+        None,
+        Some(ServingConfig {
+            listen: api,
+            api_keys: vec![API_KEY.into()],
+            models: Vec::new(),
+        }),
+        |c| {
+            c.memory_limit_bytes = Some(LIMIT);
+            c.pull_rate_limit = Some(16 << 10);
+        },
+    );
+    w.wait_replica_on(
+        "chat",
+        &capped_id,
+        ModelState::Ready,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    let v2 = w.push_working_v2().await;
+    w.update(UpdateDeploymentRequest {
+        name: "chat".into(),
+        model: Some("tiny-chat@2".into()),
+        context_per_slot: Some(512),
+        ..UpdateDeploymentRequest::default()
+    })
+    .await
+    .unwrap();
+    let d = w
+        .wait_replica_on(
+            "chat",
+            &capped_id,
+            ModelState::Pulling,
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(d.placed[0].digest, v2.digest, "the node is switched");
+
+    let store = w.cp.store();
+    let v1 = store.find_artifact(&w.model.digest).await.unwrap().unwrap();
+    let v2 = store.find_artifact(&v2.digest).await.unwrap().unwrap();
+    let back = steward_control_plane::deployments::memory_needed(&v1, 2, 64 << 10);
+    let ahead = steward_control_plane::deployments::memory_needed(&v2, 2, 512);
+    let other = steward_control_plane::deployments::memory_needed(&v1, 2, 16 << 10);
+    assert!(
+        LIMIT - back < other && other <= LIMIT - ahead,
+        "the other deployment ({other} B) must fit beside the new revision ({ahead} B) \
+         and not beside the old one ({back} B)"
+    );
+    let refused = w
+        .create_with_context("other", "tiny-chat@1", &selector, 16 << 10)
+        .await
+        .unwrap();
+    assert_eq!(refused.missing_replicas, 1, "{refused:#?}");
+    assert!(
+        refused
+            .unschedulable_reasons
+            .iter()
+            .any(|r| r.contains("not enough memory") && r.contains("memory limit")),
+        "{:?}",
+        refused.unschedulable_reasons
+    );
+    capped.stop().await.unwrap();
+    w.stop(db).await;
+}
+
 /// The status of one completion request, or `None` while the API does not answer.
 async fn complete_at_once(api: std::net::SocketAddr, model: &str) -> Option<u16> {
     reqwest::Client::new()
