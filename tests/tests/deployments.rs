@@ -40,6 +40,15 @@ fn free_port() -> std::net::SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// An inference API on `api` taking [`API_KEY`], with no models of the agent's own.
+fn serving_at(api: std::net::SocketAddr) -> ServingConfig {
+    ServingConfig {
+        listen: api,
+        api_keys: vec![API_KEY.into()],
+        models: Vec::new(),
+    }
+}
+
 /// A control plane, a signed tiny model pushed as `tiny-chat@1` under a trusted key, and an
 /// agent with an inference API and no models of its own.
 struct World {
@@ -99,17 +108,31 @@ impl World {
     }
 
     fn start_agent(&mut self, token: Option<String>) {
-        let serving = ServingConfig {
-            listen: self.api,
-            api_keys: vec![API_KEY.into()],
-            models: Vec::new(),
-        };
         self.agent = Some(TestAgent::start_serving(
             &self.cp.endpoint,
             &self.agent_dir,
             token,
-            Some(serving),
+            Some(serving_at(self.api)),
         ));
+    }
+
+    /// Stops `agent` and starts it again from its data directory (already enrolled), with
+    /// its API on `api` and `configure` applied to its settings.
+    async fn restart_agent(
+        &self,
+        agent: TestAgent,
+        api: std::net::SocketAddr,
+        configure: impl FnOnce(&mut AgentConfig),
+    ) -> TestAgent {
+        let data_dir = agent.data_dir.clone();
+        agent.stop().await.unwrap();
+        TestAgent::start_configured(
+            &self.cp.endpoint,
+            &data_dir,
+            None,
+            Some(serving_at(api)),
+            configure,
+        )
     }
 
     async fn create(
@@ -190,11 +213,7 @@ impl World {
             &self.cp.endpoint,
             &self.agent_dir.with_file_name(name),
             Some(self.admin.token(600).await),
-            Some(ServingConfig {
-                listen: api,
-                api_keys: vec![API_KEY.into()],
-                models: Vec::new(),
-            }),
+            Some(serving_at(api)),
             configure,
         );
         let id = agent.node_id().await;
@@ -931,21 +950,10 @@ async fn an_agent_restarted_under_a_lower_memory_limit_loads_only_what_fits() {
             .unwrap();
     // Both deployments have two slots of 512 tokens: room for one and a half.
     let one = steward_control_plane::deployments::memory_needed(&artifact, 2, 512);
-    let data_dir = agent.data_dir.clone();
-    agent.stop().await.unwrap();
     let ports = w.cp.pause().await;
-
-    let agent = TestAgent::start_configured(
-        &w.cp.endpoint,
-        &data_dir,
-        None,
-        Some(ServingConfig {
-            listen: api,
-            api_keys: vec![API_KEY.into()],
-            models: Vec::new(),
-        }),
-        |c| c.memory_limit_bytes = Some(one + one / 2),
-    );
+    let agent = w
+        .restart_agent(agent, api, |c| c.memory_limit_bytes = Some(one + one / 2))
+        .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while complete_at_once(api, "a-first").await != Some(200) {
         assert!(
@@ -1055,22 +1063,12 @@ async fn a_rollout_keeps_room_on_a_switched_node_for_its_way_back() {
     .await;
     // The same agent again, now pulling at 16 KiB/s: the new model takes minutes to arrive,
     // which holds the rollout at its first step.
-    let data_dir = capped.data_dir.clone();
-    capped.stop().await.unwrap();
-    let capped = TestAgent::start_configured(
-        &w.cp.endpoint,
-        &data_dir,
-        None,
-        Some(ServingConfig {
-            listen: api,
-            api_keys: vec![API_KEY.into()],
-            models: Vec::new(),
-        }),
-        |c| {
+    let capped = w
+        .restart_agent(capped, api, |c| {
             c.memory_limit_bytes = Some(LIMIT);
             c.pull_rate_limit = Some(16 << 10);
-        },
-    );
+        })
+        .await;
     w.wait_replica_on(
         "chat",
         &capped_id,
