@@ -8,7 +8,8 @@
 //!   selector and is not draining, even if the node is unavailable or cordoned (what runs
 //!   keeps running; an agent that lost the control plane keeps serving, invariant 3).
 //!   Running replicas are counted before new ones are placed, so a new replica never takes
-//!   the memory of a running one. One that no longer fits under its node's memory limit
+//!   the memory of a running one, nor the disk of one switched to an artifact its node has
+//!   yet to pull. One that no longer fits under its node's memory limit
 //!   (the operator lowered it) is placed anew: those not pinned by a rollout are counted in
 //!   deployment-name order, as an agent restarted under a lower limit admits its models.
 //!   A replica a rollout pins stays whatever it costs (the rollout's gate decides).
@@ -168,13 +169,14 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
     nodes.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
     // Memory and disk this placement already gave away, per node.
     let mut used_memory: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut used_disk: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut used_disk = DiskUse::default();
     for node in &nodes {
         out.nodes.insert(node.id.clone(), Vec::new());
     }
 
     // Replicas stay where they run. They are counted before any new replica is placed, so
-    // that a new one never takes the memory of one already running (under a later name).
+    // that a new one never takes the memory (or the disk) of one already running (under a
+    // later name).
     // A replica its rollout pins is kept whatever it costs: the rollout gates the switch
     // (the agent refuses a model over its memory limit, the step fails, the rollout rolls
     // back). Every other one is kept while it fits under the node's memory limit, counted
@@ -201,13 +203,16 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
                 {
                     continue;
                 }
-                let (_, memory) = assignment_on(demand, node, true);
+                let (assignment, memory) = assignment_on(demand, node, true);
                 let used = used_memory.entry(&node.id).or_default();
                 let limit = node.memory_limit_bytes;
                 if !pinned && limit > 0 && used.saturating_add(memory) > limit {
                     continue;
                 }
                 *used += memory;
+                // A kept replica switched to a new model (a rollout reached this node)
+                // still has that artifact to pull: its disk is taken before any new one's.
+                count_disk(node, &assignment.digest, demand.size_bytes, &mut used_disk);
                 on.insert(&node.id);
             }
         }
@@ -249,9 +254,7 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
                 let (assignment, memory) = assignment_on(demand, node, keeps);
                 if !keeps {
                     *used_memory.entry(&node.id).or_default() += memory;
-                }
-                if !node.assigned.iter().any(|a| a.digest == assignment.digest) {
-                    *used_disk.entry(&node.id).or_default() += demand.size_bytes;
+                    count_disk(node, &assignment.digest, demand.size_bytes, &mut used_disk);
                 }
                 out.nodes
                     .get_mut(&node.id)
@@ -311,7 +314,7 @@ fn refusal(
     node: &NodeView,
     demand: &Demand,
     used_memory: &BTreeMap<&str, u64>,
-    used_disk: &BTreeMap<&str, u64>,
+    used_disk: &DiskUse,
 ) -> Option<String> {
     if !node.ready {
         return Some("unavailable".into());
@@ -341,9 +344,8 @@ fn refusal(
     }
     let disk = node
         .disk_free_bytes
-        .saturating_sub(used_disk.get(node.id.as_str()).copied().unwrap_or(0));
-    let cached = node.assigned.iter().any(|a| a.digest == demand.digest);
-    if !cached && demand.size_bytes > disk {
+        .saturating_sub(used_disk.bytes(&node.id));
+    if !used_disk.holds(node, &demand.digest) && demand.size_bytes > disk {
         return Some(format!(
             "not enough disk: the artifact needs {}, {} is free",
             gib(demand.size_bytes),
@@ -351,6 +353,36 @@ fn refusal(
         ));
     }
     None
+}
+
+/// Disk this placement already gave away per node: artifacts the node did not hold before.
+#[derive(Default)]
+struct DiskUse {
+    bytes: BTreeMap<String, u64>,
+    /// (node id, digest) of each artifact counted, so one shared by two deployments on a
+    /// node is counted once.
+    counted: BTreeSet<(String, String)>,
+}
+
+impl DiskUse {
+    fn bytes(&self, node_id: &str) -> u64 {
+        self.bytes.get(node_id).copied().unwrap_or(0)
+    }
+
+    /// Whether `node` has (or will have, by this placement) the artifact `digest`.
+    fn holds(&self, node: &NodeView, digest: &str) -> bool {
+        node.assigned.iter().any(|a| a.digest == digest)
+            || self.counted.contains(&(node.id.clone(), digest.to_owned()))
+    }
+}
+
+/// Counts the disk a replica running `digest` on `node` takes, unless the node holds it.
+fn count_disk(node: &NodeView, digest: &str, size_bytes: u64, disk: &mut DiskUse) {
+    if disk.holds(node, digest) {
+        return;
+    }
+    disk.counted.insert((node.id.clone(), digest.to_owned()));
+    *disk.bytes.entry(node.id.clone()).or_default() += size_bytes;
 }
 
 /// Memory models may have on `node`: its RAM or its largest GPU's memory, whichever is
@@ -620,6 +652,39 @@ mod tests {
         let p = place(&[a, node("b", 10)], &demands, Strategy::Spread);
         assert_eq!(p.placed["alpha"], ["b"]);
         assert_eq!(p.placed["zeta"], ["a"]);
+    }
+
+    #[test]
+    fn a_new_replica_never_takes_the_disk_a_switched_replica_still_has_to_pull() {
+        // "zeta" runs on node a, which a rollout switched to a new 1 GiB artifact it has
+        // not pulled yet; a has 1.5 GiB free. "alpha", placed first by name, needs 1 GiB.
+        let mut a = node("a", 64);
+        a.assigned = vec![running("zeta", "digest-zeta-before")];
+        a.disk_free_bytes = GIB * 3 / 2;
+        let demands = [demand("alpha", "*", 1, 1), demand("zeta", "*", 1, 1)];
+        let p = place(&[a.clone()], &demands, Strategy::Spread);
+        assert_eq!(p.placed["zeta"], ["a"]);
+        assert_eq!(p.nodes["id-a"][0].digest, "digest-zeta");
+        assert!(p.placed["alpha"].is_empty(), "{p:#?}");
+        assert!(
+            p.unschedulable["alpha"].reasons[0].contains("not enough disk"),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn two_deployments_of_one_artifact_take_its_disk_once() {
+        let mut a = node("a", 64);
+        a.disk_free_bytes = GIB * 3 / 2;
+        let mut second = demand("second", "*", 1, 1);
+        second.digest = "digest-first".into();
+        let p = place(
+            &[a],
+            &[demand("first", "*", 1, 1), second],
+            Strategy::Spread,
+        );
+        assert_eq!(p.placed["first"], ["a"]);
+        assert_eq!(p.placed["second"], ["a"], "{p:#?}");
     }
 
     #[test]
