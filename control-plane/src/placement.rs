@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use steward_artifact::units::bytes as size;
 use steward_db::{AssignedModel, ServingSettings};
 
 use crate::rollout::Revision;
@@ -329,17 +330,17 @@ fn refusal(
     let free = capacity.saturating_sub(used_memory.get(node.id.as_str()).copied().unwrap_or(0));
     if demand.memory_bytes > free {
         let limit = if node.memory_limit_bytes > 0 && capacity == node.memory_limit_bytes {
-            format!(" of the node's {} memory limit", gib(capacity))
+            format!(" of the node's {} memory limit", size(capacity))
         } else {
             String::new()
         };
         return Some(format!(
             "not enough memory: the model needs {} (weights and KV cache for {} × {} tokens), \
              {} is left{limit}",
-            gib(demand.memory_bytes),
+            size(demand.memory_bytes),
             demand.slots,
             demand.context_per_slot,
-            gib(free),
+            size(free),
         ));
     }
     let disk = node
@@ -348,8 +349,8 @@ fn refusal(
     if !used_disk.holds(node, &demand.digest) && demand.size_bytes > disk {
         return Some(format!(
             "not enough disk: the artifact needs {}, {} is free",
-            gib(demand.size_bytes),
-            gib(disk)
+            size(demand.size_bytes),
+            size(disk)
         ));
     }
     None
@@ -394,10 +395,6 @@ fn memory_capacity(node: &NodeView) -> u64 {
         0 => capacity,
         limit => capacity.min(limit),
     }
-}
-
-fn gib(bytes: u64) -> String {
-    format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
 #[cfg(test)]
@@ -518,7 +515,7 @@ mod tests {
         assert_eq!(u.missing_replicas, 2);
         let all = u.reasons.join("\n");
         for expected in [
-            "small: not enough memory: the model needs 8.00 GiB",
+            "small: not enough memory: the model needs 8.0 GiB",
             "cordoned: cordoned",
             "down: unavailable",
             "draining: draining",
@@ -554,7 +551,7 @@ mod tests {
         assert!(p.placed["m2"].is_empty());
         let reason = &p.unschedulable["m2"].reasons[0];
         assert!(
-            reason.contains("4.00 GiB is left of the node's 10.00 GiB memory limit"),
+            reason.contains("4.0 GiB is left of the node's 10.0 GiB memory limit"),
             "{reason}"
         );
 
@@ -593,7 +590,7 @@ mod tests {
         assert!(p.placed["m2"].is_empty(), "{p:#?}");
         let reason = &p.unschedulable["m2"].reasons[0];
         assert!(
-            reason.contains("4.00 GiB is left of the node's 10.00 GiB memory limit"),
+            reason.contains("4.0 GiB is left of the node's 10.0 GiB memory limit"),
             "{reason}"
         );
     }
@@ -622,7 +619,7 @@ mod tests {
         assert_eq!(p.nodes["id-box"][0].digest, "rolled-to");
         assert!(p.placed["newcomer"].is_empty(), "{p:#?}");
         let reason = &p.unschedulable["newcomer"].reasons[0];
-        assert!(reason.contains("0.00 GiB is left"), "{reason}");
+        assert!(reason.contains("0 B is left"), "{reason}");
     }
 
     #[test]

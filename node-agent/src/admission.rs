@@ -6,6 +6,7 @@
 //! before the control plane has re-placed anything), or a control plane that ignores the
 //! limit, never makes the node load more than its operator allowed.
 
+use steward_artifact::units::bytes as size;
 use steward_proto::agent::v1::ModelAssignment;
 
 /// Memory the node's assigned models may still take under the operator's limit.
@@ -47,16 +48,6 @@ impl MemoryBudget {
         }
         self.used = self.used.saturating_add(needed);
         Ok(())
-    }
-}
-
-fn size(bytes: u64) -> String {
-    const MIB: f64 = (1u64 << 20) as f64;
-    let mib = bytes as f64 / MIB;
-    if mib >= 1024.0 {
-        format!("{:.2} GiB", mib / 1024.0)
-    } else {
-        format!("{mib:.1} MiB")
     }
 }
 
@@ -105,11 +96,5 @@ mod tests {
         assert_eq!(budget.admit(&model("fills", 10)), Ok(()));
         assert_eq!(budget.admit(&model("unknown", 0)), Ok(()));
         assert!(budget.admit(&model("more", 1)).is_err());
-    }
-
-    #[test]
-    fn sizes_read_in_mib_below_a_gib() {
-        assert_eq!(size(3 << 29), "1.50 GiB");
-        assert_eq!(size(70 << 20), "70.0 MiB");
     }
 }

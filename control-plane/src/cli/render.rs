@@ -75,20 +75,7 @@ fn scheduling(node: &Node) -> &'static str {
     }
 }
 
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+pub use steward_artifact::units::bytes;
 
 fn ago(now: i64, then: i64) -> String {
     if then <= 0 {
@@ -785,13 +772,6 @@ mod tests {
         ] {
             assert!(out.contains(expected), "missing {expected:?} in\n{out}");
         }
-    }
-
-    #[test]
-    fn bytes_are_shown_in_binary_units() {
-        assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
-        assert_eq!(bytes(3 << 30), "3.0 GiB");
     }
 
     #[test]
