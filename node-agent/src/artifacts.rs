@@ -291,9 +291,10 @@ impl ArtifactCache {
         }
     }
 
-    /// Deletes least-recently-used cached artifacts not in `keep` until the cache fits its
-    /// budget. Never deletes one in `keep` (assigned or in use). Returns what was deleted.
-    pub fn evict(&self, keep: &BTreeSet<String>) -> Vec<String> {
+    /// Deletes least-recently-used cached artifacts not in `keep` until the cache, with
+    /// `room_for` more bytes (an artifact about to be pulled), fits its budget. Never
+    /// deletes one in `keep` (assigned or in use). Returns what was deleted.
+    pub fn evict(&self, keep: &BTreeSet<String>, room_for: u64) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
@@ -306,7 +307,7 @@ impl ArtifactCache {
                 Some((meta.modified().ok()?, meta.len(), digest))
             })
             .collect();
-        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        let mut total: u64 = files.iter().map(|f| f.1).sum::<u64>() + room_for;
         files.sort();
         let mut evicted = Vec::new();
         for (_, len, digest) in files {
@@ -577,7 +578,7 @@ mod tests {
         touch(&cache, "middle", 100, 200);
         touch(&cache, "new", 100, 100);
         let keep = BTreeSet::from(["older-but-kept".to_owned()]);
-        let evicted = cache.evict(&keep);
+        let evicted = cache.evict(&keep, 0);
         assert_eq!(evicted, ["old", "middle"]);
         assert!(
             cache.path_of("older-but-kept").exists(),
@@ -592,7 +593,20 @@ mod tests {
         let cache = ArtifactCache::open(dir.path(), 10).unwrap();
         touch(&cache, "a", 100, 10);
         let keep = BTreeSet::from(["a".to_owned()]);
-        assert!(cache.evict(&keep).is_empty());
+        assert!(cache.evict(&keep, 0).is_empty());
+        assert!(cache.evict(&keep, 1000).is_empty());
         assert!(cache.path_of("a").exists());
+    }
+
+    #[test]
+    fn eviction_makes_room_for_an_artifact_about_to_be_pulled() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ArtifactCache::open(dir.path(), 250).unwrap();
+        touch(&cache, "old", 100, 300);
+        touch(&cache, "new", 100, 100);
+        let keep = BTreeSet::from(["incoming".to_owned()]);
+        assert!(cache.evict(&keep, 0).is_empty(), "200 bytes fit in 250");
+        assert_eq!(cache.evict(&keep, 120), ["old"]);
+        assert!(cache.path_of("new").exists());
     }
 }

@@ -58,6 +58,8 @@ pub struct Assignments {
     identity: Arc<dyn IdentityStore>,
     endpoint: String,
     defaults: LoadDefaults,
+    /// Digests the applied desired state assigns: what eviction must keep.
+    needed: Arc<std::sync::Mutex<BTreeSet<String>>>,
 }
 
 impl Assignments {
@@ -74,6 +76,7 @@ impl Assignments {
             identity,
             endpoint: endpoint.into(),
             defaults,
+            needed: Arc::default(),
         }
     }
 
@@ -182,7 +185,18 @@ impl Assignments {
             );
         }
         let keep: BTreeSet<String> = state.models.iter().map(|m| m.digest.clone()).collect();
-        for digest in self.cache.evict(&keep) {
+        *self.needed.lock().unwrap_or_else(|e| e.into_inner()) = keep;
+        self.evict(0);
+    }
+
+    /// Keeps the cache within its budget, with `room_for` more bytes about to be pulled.
+    fn evict(&self, room_for: u64) {
+        let keep = self
+            .needed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for digest in self.cache.evict(&keep, room_for) {
             tracing::info!(%digest, "evicted an unassigned artifact from the cache");
         }
     }
@@ -226,12 +240,19 @@ impl Assignments {
                     total: assignment.size_bytes,
                 },
             );
+            // Room for the artifact once it is in the cache, so the cache stays within its
+            // budget.
+            self.evict(assignment.size_bytes);
             let attempt = tokio::select! {
                 () = cancel.cancelled() => return,
                 result = self.pull(&assignment, &trust) => result,
             };
             match attempt {
-                Ok(path) => break path,
+                Ok(path) => {
+                    // Pulls running side by side may each have made room for themselves only.
+                    self.evict(0);
+                    break path;
+                }
                 Err(e) if e.is_transient() => {
                     let delay = backoff.next_delay();
                     tracing::warn!(model = %name, %digest, error = %steward_telemetry::chain(&e), ?delay, "pull failed; retrying");

@@ -507,6 +507,60 @@ async fn revoking_a_deployed_model_unloads_and_deletes_it_on_the_agent(backend: 
     w.stop(db).await;
 }
 
+/// An agent keeps its cache within its disk budget as it pulls: an artifact no deployment
+/// needs any more is evicted to make room for the next one before that is pulled, not only
+/// when a desired state arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_makes_room_in_its_cache_before_it_pulls_the_next_artifact() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut w = World::start(&db).await;
+    // Room for one tiny artifact and a half; pulls slow enough (about 4 s) to be seen.
+    let budget = w.model.size_bytes * 3 / 2;
+    let rate = w.model.size_bytes / 4;
+    let agent = w.agent.take().expect("the world's agent");
+    w.agent = Some(
+        w.restart_agent(agent, w.api, |c| {
+            c.cache_budget_bytes = budget;
+            c.pull_rate_limit = Some(rate);
+        })
+        .await,
+    );
+    w.create("chat", "tiny-chat@1", "*").await.unwrap();
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
+        .await;
+    w.deploy
+        .clone()
+        .delete_deployment(w.admin.request(DeploymentRef {
+            name: "chat".into(),
+        }))
+        .await
+        .unwrap();
+    w.wait_gone("chat").await;
+    assert!(
+        w.cached_file().exists(),
+        "within the budget, an unneeded artifact stays cached"
+    );
+
+    let v2 = w.push_working_v2().await;
+    assert!(w.model.size_bytes + v2.size_bytes > budget);
+    w.create("other", "tiny-chat@2", "*").await.unwrap();
+    w.wait_replica("other", ModelState::Pulling, Duration::from_secs(30))
+        .await;
+    assert!(
+        !w.cached_file().exists(),
+        "the unneeded artifact was not evicted to make room before the pull"
+    );
+    w.wait_replica("other", ModelState::Ready, Duration::from_secs(60))
+        .await;
+    let pulled = w
+        .agent_dir
+        .join("artifacts")
+        .join(format!("{}.gguf", v2.digest));
+    assert!(pulled.exists(), "{} missing", pulled.display());
+    assert_eq!(w.complete("other").await.status(), 200);
+    w.stop(db).await;
+}
+
 /// Creates `chat`: two replicas of `tiny-chat@1` with one slot of 512 tokens on the nodes
 /// `selector` matches, one node switched at a time; waits until both are ready.
 async fn chat_on_two_nodes(w: &World, selector: &str) {
