@@ -12,7 +12,7 @@ use steward_artifact::digest::Sha256Hex;
 use steward_artifact::gguf::GgufFacts;
 use steward_db::{
     ArtifactRecord, DeploymentRecord, ModelRecord, ModelRef, NodeRecord, NodeState, RolloutPhase,
-    ServingSettings,
+    ServingSettings, UnixSeconds,
 };
 use steward_proto::agent::v1::{Inventory, ModelStatus, ProbeResult};
 use tokio::sync::Mutex;
@@ -104,6 +104,10 @@ pub struct Deployments {
     probes: Probes,
     /// How long one rollout step may take to be ready and answer its probe.
     step_timeout: std::time::Duration,
+    /// When this control plane started: a step's time runs from then at the earliest, so
+    /// the time the control plane was down (and its agents not yet reconnected) does not
+    /// count against a step.
+    started_at: UnixSeconds,
 }
 
 impl Deployments {
@@ -121,6 +125,7 @@ impl Deployments {
             wake: tokio::sync::Notify::new(),
             probes: Probes::default(),
             step_timeout,
+            started_at: now_unix(),
         }
     }
 
@@ -161,7 +166,18 @@ impl Deployments {
     /// Places now; when that fails, the background loop retries (the change that asked for
     /// it is already stored, so the caller's request still succeeds).
     pub async fn replace_now(&self) {
-        match self.reconcile().await {
+        self.replace_now_telling(Tell::Changed).await;
+    }
+
+    /// [`Deployments::replace_now`], then sends every connected agent its desired state,
+    /// changed or not: a revocation changes no assignment on a node that only caches the
+    /// artifact, yet every agent must delete it.
+    pub async fn replace_now_telling_every_agent(&self) {
+        self.replace_now_telling(Tell::Every).await;
+    }
+
+    async fn replace_now_telling(&self, tell: Tell) {
+        match self.reconcile_telling(tell).await {
             // The background loop follows a rollout from here (it may be asleep for 30 s).
             Ok(Reconciled { rolling: true }) => self.trigger(),
             Ok(Reconciled { rolling: false }) => {}
@@ -515,6 +531,10 @@ impl Deployments {
     /// models (bumping its desired generation where they changed) and pushes the new
     /// desired state to the agents that are connected.
     pub async fn reconcile(&self) -> Result<Reconciled, DeployError> {
+        self.reconcile_telling(Tell::Changed).await
+    }
+
+    async fn reconcile_telling(&self, tell: Tell) -> Result<Reconciled, DeployError> {
         let mut last = self.placing.lock().await;
         let nodes = self.fleet.list_nodes().await?;
         let mut records = self.fleet.store.list_deployments().await?;
@@ -523,7 +543,7 @@ impl Deployments {
         let mut refused: BTreeMap<String, String> = BTreeMap::new();
         let mut rolling = false;
         for d in &mut records {
-            let pinned = self.advance_rollout(d, &nodes).await?;
+            let pinned = self.advance_rollout(d, &nodes, &policy).await?;
             rolling |= d.rollout.as_ref().is_some_and(|r| r.phase.is_active());
             match self.demand(d, &policy, pinned).await {
                 Ok(demand) => demands.push(demand),
@@ -585,6 +605,13 @@ impl Deployments {
         // pulling while the others' changes were still being written, and its pull's CPU
         // slowed those writes, so the last of ten nodes started about half a second after
         // the first (docs/BENCHMARKS.md).
+        if tell == Tell::Every {
+            for node in &nodes {
+                if !changed.iter().any(|c| c.id == node.id) {
+                    changed.push(node.clone());
+                }
+            }
+        }
         changed.retain(|n| self.fleet.sessions.get(&n.id).is_some());
         let states = self.fleet.desired_states(&changed).await?;
         for (node, desired) in changed.iter().zip(states) {
@@ -601,6 +628,7 @@ impl Deployments {
         &self,
         d: &mut DeploymentRecord,
         nodes: &[NodeRecord],
+        policy: &TrustPolicy,
     ) -> Result<BTreeMap<String, rollout::Revision>, DeployError> {
         let Some(phase) = d
             .rollout
@@ -610,6 +638,9 @@ impl Deployments {
         else {
             return Ok(BTreeMap::new());
         };
+        if self.end_rollout_if_unusable(d, policy).await? {
+            return Ok(BTreeMap::new());
+        }
         let mut replicas = Vec::new();
         for node in nodes {
             if let Some(assigned) = node.desired_models.iter().find(|a| a.deployment == d.name) {
@@ -635,6 +666,7 @@ impl Deployments {
         }
         let to = d.digest.clone();
         let mut next = d.clone();
+        rollout::time_steps_from(&mut next, self.started_at);
         let step = rollout::advance(
             &mut next,
             &replicas,
@@ -674,6 +706,64 @@ impl Deployments {
         Ok(step.pinned)
     }
 
+    /// Ends `d`'s active rollout at once, stored with its audit event, when one of its two
+    /// models may no longer run ([`rollout::end_for_unusable`]); returns whether it did.
+    async fn end_rollout_if_unusable(
+        &self,
+        d: &mut DeploymentRecord,
+        policy: &TrustPolicy,
+    ) -> Result<bool, DeployError> {
+        let Some(rollout) = d.rollout.as_ref() else {
+            return Ok(false);
+        };
+        let unusable = rollout::Unusable {
+            from: self.may_not_run(&rollout.from, policy).await?,
+            to: self.may_not_run(&rollout.to, policy).await?,
+        };
+        let mut next = d.clone();
+        let Some(event) = rollout::end_for_unusable(&mut next, &unusable, now_unix()) else {
+            return Ok(false);
+        };
+        tracing::warn!(deployment = %d.name, action = event.action, details = %event.details, "rollout ended: one of its models may no longer run");
+        let event = audit(
+            &Actor::System,
+            event.action,
+            &d.name,
+            event.outcome,
+            event.details,
+        );
+        next.updated_at = now_unix();
+        *d = self
+            .fleet
+            .store
+            .update_deployment(&next, vec![event])
+            .await?;
+        self.probes.forget(&d.name);
+        Ok(true)
+    }
+
+    /// Why `model` may no longer run (its artifact is gone, revoked or no longer trusted).
+    async fn may_not_run(
+        &self,
+        model: &ModelRef,
+        policy: &TrustPolicy,
+    ) -> Result<Option<String>, DeployError> {
+        let Some(artifact) = self.fleet.store.find_artifact(&model.digest).await? else {
+            return Ok(Some(format!(
+                "artifact {} is not in the registry",
+                model.digest
+            )));
+        };
+        let model = ModelRecord {
+            name: model.name.clone(),
+            version: model.version.clone(),
+            created_at: 0,
+            created_by: String::new(),
+            artifact,
+        };
+        Ok(may_run(policy, &model).err())
+    }
+
     /// What placing `d` takes, or why it cannot be placed at all.
     async fn demand(
         &self,
@@ -689,13 +779,6 @@ impl Deployments {
             .await
             .map_err(|e| steward_telemetry::chain(&e).to_string())?
             .ok_or_else(|| format!("artifact {} is not in the registry", d.digest))?;
-        if artifact.revoked_at.is_some() {
-            return Err(format!(
-                "artifact {} is revoked ({})",
-                d.digest,
-                artifact.revoked_reason.as_deref().unwrap_or("no reason")
-            ));
-        }
         let model = ModelRecord {
             name: d.model_name.clone(),
             version: d.model_version.clone(),
@@ -703,7 +786,7 @@ impl Deployments {
             created_by: String::new(),
             artifact: artifact.clone(),
         };
-        trusted(policy, &model)?;
+        may_run(policy, &model)?;
         let pinned = self
             .kept(&artifact, pinned, rollout::rolled_from(d).as_ref())
             .await?;
@@ -770,6 +853,15 @@ impl Deployments {
     }
 }
 
+/// Which connected agents a placement sends their desired state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tell {
+    /// Those whose assigned models changed.
+    Changed,
+    /// Every one, changed or not (the revoked digests travel with the desired state).
+    Every,
+}
+
 /// What a placement found.
 #[derive(Clone, Copy, Debug)]
 pub struct Reconciled {
@@ -809,6 +901,19 @@ fn rollout_change(record: &DeploymentRecord, r: &steward_db::Rollout) -> String 
 }
 
 /// Whether `model` verifies under `policy` now (anchors may have been removed since push).
+/// Whether `model` may run: its artifact is not revoked, and it is trusted under `policy`.
+fn may_run(policy: &TrustPolicy, model: &ModelRecord) -> Result<(), String> {
+    let artifact = &model.artifact;
+    if artifact.revoked_at.is_some() {
+        return Err(format!(
+            "artifact {} is revoked ({})",
+            artifact.digest,
+            artifact.revoked_reason.as_deref().unwrap_or("no reason")
+        ));
+    }
+    trusted(policy, model)
+}
+
 fn trusted(policy: &TrustPolicy, model: &ModelRecord) -> Result<(), String> {
     let artifact = &model.artifact;
     let digest = Sha256Hex::parse(&artifact.digest)

@@ -172,6 +172,83 @@ fn restore_from(record: &mut DeploymentRecord) {
     }
 }
 
+/// Why each of a rollout's two models may no longer run (its artifact is revoked, or no
+/// longer trusted); `None` where it still may.
+#[derive(Clone, Debug, Default)]
+pub struct Unusable {
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+/// Ends an active rollout at once when one of its two models may no longer run. A revoked
+/// model must stop serving on every node now, not when the rollout reaches the node, and it
+/// is no way back: every replica takes the other model at once, ungated. When the model a
+/// rollback returns to is the one that may not run, the rollout ends there and the
+/// deployment has nothing to run until an admin gives it a model. Returns the audit event,
+/// or `None` when both models may still run (or no rollout is active).
+pub fn end_for_unusable(
+    record: &mut DeploymentRecord,
+    unusable: &Unusable,
+    now: UnixSeconds,
+) -> Option<StepEvent> {
+    let rollout = record.rollout.as_ref().filter(|r| r.phase.is_active())?;
+    let (from_settings, to_settings) = settings_of(record, rollout);
+    let phase = rollout.phase;
+    let (reason, action, outcome) = match (&unusable.from, &unusable.to) {
+        (_, Some(why)) => (
+            format!("the new model {} may no longer run: {why}", rollout.to),
+            "deployment.rollback.forced",
+            if unusable.from.is_none() {
+                "success"
+            } else {
+                "failure"
+            },
+        ),
+        (Some(why), None) if phase == RolloutPhase::Progressing => (
+            format!(
+                "the previous model {} may no longer run: {why}",
+                rollout.from
+            ),
+            "deployment.rollout.forced",
+            "success",
+        ),
+        (Some(why), None) => (
+            format!(
+                "the previous model {} may no longer run: {why}; the deployment has no model \
+                 to run until it is given one",
+                rollout.from
+            ),
+            "deployment.rollback.forced",
+            "failure",
+        ),
+        (None, None) => return None,
+    };
+    let forward = action == "deployment.rollout.forced";
+    let details = json!({
+        "automatic": true,
+        "reason": reason,
+        "from": if forward { rollout.from.to_string() } else { rollout.to.to_string() },
+        "from_digest": if forward { &rollout.from.digest } else { &rollout.to.digest },
+        "from_settings": if forward { from_settings } else { to_settings }.to_string(),
+        "to": if forward { rollout.to.to_string() } else { rollout.from.to_string() },
+        "to_digest": if forward { &rollout.to.digest } else { &rollout.from.digest },
+        "to_settings": if forward { to_settings } else { from_settings }.to_string(),
+    });
+    if forward {
+        let rollout = record.rollout.as_mut().expect("checked above");
+        rollout.phase = RolloutPhase::Complete;
+        rollout.finished_at = Some(now);
+        rollout.message = reason;
+    } else {
+        roll_back(record, &reason, now);
+    }
+    Some(StepEvent {
+        action,
+        outcome,
+        details,
+    })
+}
+
 /// The settings a rollout moves from and to (see [`Rollout::from_settings`]).
 pub fn settings_of(
     record: &DeploymentRecord,
@@ -200,6 +277,17 @@ pub fn current_model(record: &DeploymentRecord) -> ModelRef {
         name: record.model_name.clone(),
         version: record.model_version.clone(),
         digest: record.digest.clone(),
+    }
+}
+
+/// Times the rollout's steps from `earliest` at the latest: a control plane that was down
+/// (and whose agents have not reconnected yet, so it knows none of their states) must not
+/// count that time against a step that started before it went down.
+pub fn time_steps_from(record: &mut DeploymentRecord, earliest: UnixSeconds) {
+    if let Some(rollout) = record.rollout.as_mut() {
+        for step in rollout.steps.values_mut() {
+            step.started_at = step.started_at.max(earliest);
+        }
     }
 }
 
@@ -731,6 +819,130 @@ mod tests {
             rollout.message
         );
         assert_eq!(d.digest, "old");
+    }
+
+    #[test]
+    fn a_rollout_whose_new_model_may_no_longer_run_returns_every_replica_at_once() {
+        let mut d = record(1);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        switched(&mut d, "a", Some(1));
+        let revoked = Unusable {
+            from: None,
+            to: Some("artifact new is revoked (a backdoor)".into()),
+        };
+        let event = end_for_unusable(&mut d, &revoked, 5).expect("the rollout ends");
+        assert_eq!(
+            (event.action, event.outcome),
+            ("deployment.rollback.forced", "success")
+        );
+        assert_eq!(event.details["to_digest"], "old");
+        let rollout = d.rollout.as_ref().unwrap();
+        assert_eq!(rollout.phase, RolloutPhase::RolledBack);
+        assert_eq!(rollout.finished_at, Some(5));
+        assert!(
+            rollout.message.contains("a backdoor"),
+            "{}",
+            rollout.message
+        );
+        assert_eq!((d.digest.as_str(), d.model_version.as_str()), ("old", "1"));
+        // Ended: nothing further happens, and every replica takes the record's digest.
+        let nodes = [replica("a", "new", Some(ModelState::Ready))];
+        let a = advance(&mut d, &nodes, |_| Probe::NotSent, 6, TIMEOUT);
+        assert!(a.events.is_empty() && a.pinned.is_empty(), "{a:?}");
+    }
+
+    #[test]
+    fn a_rollout_whose_previous_model_may_no_longer_run_completes_at_once() {
+        let mut d = record(1);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        let revoked = Unusable {
+            from: Some("artifact old is revoked (expired licence)".into()),
+            to: None,
+        };
+        let event = end_for_unusable(&mut d, &revoked, 5).expect("the rollout ends");
+        assert_eq!(
+            (event.action, event.outcome),
+            ("deployment.rollout.forced", "success")
+        );
+        assert_eq!(event.details["to_digest"], "new");
+        let rollout = d.rollout.as_ref().unwrap();
+        assert_eq!(rollout.phase, RolloutPhase::Complete);
+        assert!(rollout.message.contains("expired licence"));
+        assert_eq!(d.digest, "new");
+    }
+
+    #[test]
+    fn a_rollback_to_a_model_that_may_no_longer_run_ends_there_as_a_failure() {
+        let mut d = record(1);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        begin_roll_back(&mut d, "a: the new model failed", 3);
+        let revoked = Unusable {
+            from: Some("artifact old is revoked (a backdoor)".into()),
+            to: None,
+        };
+        let event = end_for_unusable(&mut d, &revoked, 5).expect("the rollback ends");
+        assert_eq!(
+            (event.action, event.outcome),
+            ("deployment.rollback.forced", "failure")
+        );
+        let rollout = d.rollout.as_ref().unwrap();
+        assert_eq!(rollout.phase, RolloutPhase::RolledBack);
+        assert!(
+            rollout.message.contains("has no model to run"),
+            "{}",
+            rollout.message
+        );
+        assert_eq!(d.digest, "old");
+    }
+
+    #[test]
+    fn a_rollout_whose_models_may_both_run_or_that_ended_is_left_alone() {
+        let mut d = record(1);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        assert!(end_for_unusable(&mut d, &Unusable::default(), 5).is_none());
+        assert_eq!(d.rollout.as_ref().unwrap().phase, RolloutPhase::Progressing);
+        d.rollout.as_mut().unwrap().phase = RolloutPhase::Complete;
+        let revoked = Unusable {
+            from: Some("revoked".into()),
+            to: Some("revoked".into()),
+        };
+        assert!(end_for_unusable(&mut d, &revoked, 5).is_none());
+        assert_eq!(d.digest, "new");
+    }
+
+    #[test]
+    fn time_the_control_plane_was_down_does_not_count_against_a_step() {
+        let mut d = record(1);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        switched(&mut d, "a", None);
+        let nodes = [replica("a", "new", None), replica("b", "old", None)];
+        // Restarted at 1000, long after the step began at 0; no agent has reported yet.
+        time_steps_from(&mut d, 1000);
+        let a = advance(&mut d, &nodes, |_| Probe::NotSent, 1001, TIMEOUT);
+        assert!(a.events.is_empty(), "{a:?}");
+        assert_eq!(d.rollout.as_ref().unwrap().phase, RolloutPhase::Progressing);
+        // The step still times out, counted from the restart.
+        let a = advance(
+            &mut d,
+            &nodes,
+            |_| Probe::NotSent,
+            1001 + TIMEOUT + 1,
+            TIMEOUT,
+        );
+        assert_eq!(actions(&a), ["deployment.rollback"]);
+        // A step begun after the restart keeps its own start.
+        let mut d = record(1);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        d.rollout.as_mut().unwrap().steps.insert(
+            "id-a".into(),
+            RolloutStep {
+                node_name: "a".into(),
+                started_at: 2000,
+                verified_at: None,
+            },
+        );
+        time_steps_from(&mut d, 1000);
+        assert_eq!(d.rollout.as_ref().unwrap().steps["id-a"].started_at, 2000);
     }
 
     #[test]

@@ -561,6 +561,197 @@ async fn an_agent_makes_room_in_its_cache_before_it_pulls_the_next_artifact() {
     w.stop(db).await;
 }
 
+impl World {
+    async fn revoke(&self, digest: &str, reason: &str) {
+        self.admin
+            .models()
+            .revoke_model(self.admin.request(RevokeModelRequest {
+                digest: digest.into(),
+                reason: reason.into(),
+            }))
+            .await
+            .unwrap();
+    }
+
+    /// Restarts the world's own agent with pulls at 16 KiB/s: a new tiny model then takes
+    /// minutes to arrive, which holds a rollout at the step that switched this node.
+    async fn slow_the_agents_pulls(&mut self) {
+        let agent = self.agent.take().expect("the world's agent");
+        self.agent = Some(
+            self.restart_agent(agent, self.api, |c| c.pull_rate_limit = Some(16 << 10))
+                .await,
+        );
+    }
+}
+
+/// Waits until `path` is gone (an agent deleted it).
+async fn wait_deleted(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} not deleted: {}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A revoked artifact is deleted from every agent that caches it, also from one whose
+/// assignment does not change (it only keeps the artifact from an earlier rollout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_artifact_is_deleted_where_it_is_only_cached() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    w.create("chat", "tiny-chat@1", "*").await.unwrap();
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
+        .await;
+    w.push_working_v2().await;
+    w.update_model("chat", "tiny-chat@2").await.unwrap();
+    w.wait_rollout("chat", RolloutPhase::Complete, Duration::from_secs(60))
+        .await;
+    assert!(w.cached_file().exists(), "version 1 stays cached, unneeded");
+    w.revoke(&w.model.digest, "test: found a backdoor").await;
+    wait_deleted(&w.cached_file(), "the revoked, cached-only artifact").await;
+    assert_eq!(
+        w.complete("chat").await.status(),
+        200,
+        "version 2 serves on"
+    );
+    w.stop(db).await;
+}
+
+/// Revoking the model a rollout moves to ends the rollout at once: every replica returns
+/// to the previous model, the switched node included, and the step's partial pull is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_new_model_mid_rollout_returns_every_replica_to_the_previous_one() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut w = World::start(&db).await;
+    w.create("chat", "tiny-chat@1", "*").await.unwrap();
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
+        .await;
+    w.slow_the_agents_pulls().await;
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
+        .await;
+    let v2 = w.push_working_v2().await;
+    w.update_model("chat", "tiny-chat@2").await.unwrap();
+    let d = w
+        .wait_replica("chat", ModelState::Pulling, Duration::from_secs(30))
+        .await;
+    assert_eq!(d.placed[0].digest, v2.digest, "the node is switched");
+
+    w.revoke(&v2.digest, "test: found a backdoor").await;
+    let d = w
+        .wait_rollout("chat", RolloutPhase::RolledBack, Duration::from_secs(60))
+        .await;
+    assert_eq!(d.digest, w.model.digest);
+    let message = d.rollout.unwrap().message;
+    assert!(
+        message.contains("may no longer run") && message.contains("found a backdoor"),
+        "{message}"
+    );
+    let events = w.rollout_audit("chat").await;
+    assert!(
+        events.contains(&"deployment.rollback.forced success".to_owned()),
+        "{events:#?}"
+    );
+    assert_eq!(w.complete("chat").await.status(), 200);
+    let partial = w
+        .agent_dir
+        .join("artifacts")
+        .join("partial")
+        .join(&v2.digest);
+    wait_deleted(&partial, "the revoked artifact's partial pull").await;
+    w.stop(db).await;
+}
+
+/// Revoking the model a rollout moves away from ends the rollout at once the other way:
+/// the node the rollout has not reached yet stops serving the revoked model and deletes it
+/// now, instead of serving it until its step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoking_the_previous_model_mid_rollout_moves_every_replica_on_at_once() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let mut w = World::start(&db).await;
+    let (second, second_id, second_api) = two_replicas(&w).await;
+    let first_name = w.sorted_node_names(&second_id).await.remove(0);
+    // The node switched first pulls slowly, so the rollout waits at its first step.
+    let (second, second_api) = if first_name == w.admin.node(&w.node_id).await.name {
+        w.slow_the_agents_pulls().await;
+        (second, second_api)
+    } else {
+        let api = free_port();
+        let slowed = w
+            .restart_agent(second, api, |c| c.pull_rate_limit = Some(16 << 10))
+            .await;
+        (slowed, api)
+    };
+    for node in [&w.node_id, &second_id] {
+        w.wait_replica_on("chat", node, ModelState::Ready, Duration::from_secs(60))
+            .await;
+    }
+    let v2 = w.push_working_v2().await;
+    w.update_model("chat", "tiny-chat@2").await.unwrap();
+    let d = w.show("chat").await;
+    let (switched, waiting): (Vec<_>, Vec<_>) =
+        d.placed.iter().partition(|r| r.digest == v2.digest);
+    assert_eq!((switched.len(), waiting.len()), (1, 1), "{d:#?}");
+    let (waiting_id, waiting_api) = if waiting[0].node_id == w.node_id {
+        (w.node_id.clone(), w.api)
+    } else {
+        (second_id.clone(), second_api)
+    };
+    assert_eq!(complete_at(waiting_api, "chat").await.status(), 200);
+
+    w.revoke(&w.model.digest, "test: licence withdrawn").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = w.show("chat").await;
+        let rollout = d.rollout.clone().unwrap();
+        if rollout.phase() == RolloutPhase::Complete
+            && d.placed.len() == 2
+            && d.placed.iter().all(|r| r.digest == v2.digest)
+        {
+            assert!(
+                rollout.message.contains("licence withdrawn"),
+                "{}",
+                rollout.message
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout did not move on: {d:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = w.rollout_audit("chat").await;
+    assert!(
+        events.contains(&"deployment.rollout.forced success".to_owned()),
+        "{events:#?}"
+    );
+    let waiting_dir = if waiting_id == w.node_id {
+        w.agent_dir.clone()
+    } else {
+        second.data_dir.clone()
+    };
+    let v1 = waiting_dir
+        .join("artifacts")
+        .join(format!("{}.gguf", w.model.digest));
+    wait_deleted(&v1, "the revoked previous model").await;
+    // The node the rollout had not reached runs version 2 now, ungated.
+    let served = w
+        .wait_replica_on(
+            "chat",
+            &waiting_id,
+            ModelState::Ready,
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(served.placed.iter().all(|r| r.digest == v2.digest));
+    second.stop().await.unwrap();
+    w.stop(db).await;
+}
+
 /// Creates `chat`: two replicas of `tiny-chat@1` with one slot of 512 tokens on the nodes
 /// `selector` matches, one node switched at a time; waits until both are ready.
 async fn chat_on_two_nodes(w: &World, selector: &str) {

@@ -274,8 +274,9 @@ impl ModelService for ModelApi {
             .revoke(&actor, req.digest.trim(), &req.reason)
             .await
             .map_err(|e| status(&e))?;
-        // Agents stop serving it and delete it with their next desired state.
-        self.deployments.replace_now().await;
+        // Every agent stops serving it and deletes it with the desired state sent now,
+        // also where it is only cached or pinned by a rollout.
+        self.deployments.replace_now_telling_every_agent().await;
         Ok(Response::new(model(revoked.remove(0))))
     }
 }
