@@ -108,6 +108,9 @@ pub struct Deployments {
     /// the time the control plane was down (and its agents not yet reconnected) does not
     /// count against a step.
     started_at: UnixSeconds,
+    /// Deployments the last placement could not place at all, with the reason (revoked or
+    /// untrusted model); `None` before the first placement. A new refusal is audited.
+    refused: std::sync::Mutex<Option<BTreeMap<String, String>>>,
 }
 
 impl Deployments {
@@ -126,6 +129,7 @@ impl Deployments {
             probes: Probes::default(),
             step_timeout,
             started_at: now_unix(),
+            refused: std::sync::Mutex::new(None),
         }
     }
 
@@ -552,6 +556,7 @@ impl Deployments {
                 }
             }
         }
+        self.audit_new_refusals(&refused).await;
         let views: Vec<NodeView> = nodes.iter().map(node_view).collect();
         let mut placement = place(&views, &demands, self.strategy);
         for (name, reason) in refused {
@@ -704,6 +709,36 @@ impl Deployments {
             self.probes.send(&self.fleet.sessions, node, &d.name, &to);
         }
         Ok(step.pinned)
+    }
+
+    /// Audits each deployment placement newly cannot place at all (its model was revoked
+    /// or is no longer trusted), once per reason. What was refused before this control plane
+    /// started was audited then (or by the change that caused it).
+    async fn audit_new_refusals(&self, refused: &BTreeMap<String, String>) {
+        let before = self
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(refused.clone());
+        let Some(before) = before else {
+            return;
+        };
+        for (name, reason) in refused {
+            if before.get(name) == Some(reason) {
+                continue;
+            }
+            tracing::warn!(deployment = %name, %reason, "deployment cannot be placed");
+            let event = audit(
+                &Actor::System,
+                "deployment.refused",
+                name,
+                "refused",
+                json!({"reason": reason}),
+            );
+            if let Err(e) = self.fleet.store.append_audit(event).await {
+                tracing::error!(error = %steward_telemetry::chain(&e), "could not audit a refused deployment");
+            }
+        }
     }
 
     /// Ends `d`'s active rollout at once, stored with its audit event, when one of its two

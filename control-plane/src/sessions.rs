@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use steward_proto::agent::v1::{ControlMessage, DesiredState, ModelStatus, control_message};
+use steward_proto::agent::v1::{
+    ControlMessage, DesiredState, ModelState, ModelStatus, control_message,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -34,11 +36,29 @@ impl SessionHandle {
         self.last_seen_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    pub fn set_models(&self, models: Vec<ModelStatus>) {
+    /// Keeps the agent's latest report; returns the models in it that failed since the
+    /// report before (newly failed, or failed for another digest or another reason), which
+    /// the control plane audits.
+    pub fn set_models(&self, models: Vec<ModelStatus>) -> Vec<ModelStatus> {
         let mut current = self.models.lock().unwrap_or_else(|e| e.into_inner());
+        let failed = |m: &ModelStatus| m.state() == ModelState::Failed;
+        let newly_failed = models
+            .iter()
+            .filter(|m| {
+                failed(m)
+                    && !current.iter().any(|c| {
+                        failed(c)
+                            && c.name == m.name
+                            && c.digest == m.digest
+                            && c.detail == m.detail
+                    })
+            })
+            .cloned()
+            .collect();
         if *current != models {
             *current = models;
         }
+        newly_failed
     }
 }
 
@@ -176,6 +196,38 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn status(name: &str, state: ModelState, detail: &str) -> ModelStatus {
+        ModelStatus {
+            name: name.into(),
+            digest: "d1".into(),
+            state: state as i32,
+            detail: detail.into(),
+            ..ModelStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_model_is_reported_failed_once_per_failure() {
+        let registry = SessionRegistry::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let session = registry.open("n1", tx);
+        let pulling = status("chat", ModelState::Pulling, "");
+        let refused = status("chat", ModelState::Failed, "signature refused");
+        assert!(session.set_models(vec![pulling.clone()]).is_empty());
+        assert_eq!(session.set_models(vec![refused.clone()]), [refused.clone()]);
+        assert!(
+            session.set_models(vec![refused.clone()]).is_empty(),
+            "the same failure reported again"
+        );
+        let other_reason = status("chat", ModelState::Failed, "over the memory limit");
+        assert_eq!(
+            session.set_models(vec![other_reason.clone()]),
+            [other_reason]
+        );
+        assert!(session.set_models(vec![pulling]).is_empty());
+        assert_eq!(session.set_models(vec![refused.clone()]), [refused]);
+    }
 
     #[test]
     fn a_reconnect_cancels_the_older_session_and_only_the_newer_one_closes_the_node() {

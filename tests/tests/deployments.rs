@@ -488,6 +488,15 @@ async fn revoking_a_deployed_model_unloads_and_deletes_it_on_the_agent(backend: 
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(w.complete("chat").await.status(), 404);
+    let events = w.rollout_audit("chat").await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| *e == "deployment.refused refused")
+            .count(),
+        1,
+        "the refusal is audited once: {events:#?}"
+    );
     let d = w.show("chat").await;
     assert_eq!(d.missing_replicas, 1);
     assert!(
@@ -924,6 +933,22 @@ async fn a_rollout_whose_new_model_fails_rolls_back_to_the_previous_digest(backe
         &second_name
     };
     assert!(events.contains(&format!("deployment.rollout.step {switched}")));
+    // The agent's failure is in the audit log with its reason, beside the rollback.
+    let failed: Vec<serde_json::Value> =
+        w.cp.store()
+            .audit_events()
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.action == "deployment.replica.failed" && e.target == "chat")
+            .map(|e| serde_json::from_str(&e.details).unwrap())
+            .collect();
+    assert!(
+        failed.iter().any(|f| f["node"] == switched.as_str()
+            && f["digest"] == broken.digest.as_str()
+            && !f["reason"].as_str().unwrap_or_default().is_empty()),
+        "{failed:#?}"
+    );
     second.stop().await.unwrap();
     w.stop(db).await;
 }

@@ -203,6 +203,34 @@ impl AgentApi {
     }
 }
 
+/// Audits a model the agent reports failed: a refusal on the agent (the signature or the
+/// GGUF check under the trust policy, a revoked artifact, the node's memory limit) or a
+/// load that failed, with the agent's reason.
+async fn audit_failed_replica(
+    fleet: &Fleet,
+    node_id: &str,
+    failed: &steward_proto::agent::v1::ModelStatus,
+) {
+    let node = match fleet.require_node(node_id).await {
+        Ok(node) => node.name,
+        Err(_) => node_id.to_owned(),
+    };
+    let event = crate::fleet::audit(
+        &crate::fleet::Actor::Node(node_id.to_owned()),
+        "deployment.replica.failed",
+        &failed.name,
+        "failure",
+        serde_json::json!({
+            "node": node,
+            "digest": failed.digest,
+            "reason": failed.detail,
+        }),
+    );
+    if let Err(e) = fleet.store.append_audit(event).await {
+        tracing::error!(error = %steward_telemetry::chain(&e), node_id, "could not audit a failed replica");
+    }
+}
+
 /// The error an agent gets when an artifact's blob cannot be read; logged here.
 fn unreadable(path: &std::path::Path, e: &std::io::Error) -> Status {
     tracing::error!(path = %path.display(), error = %e, "reading an artifact failed");
@@ -315,7 +343,9 @@ async fn session_loop(
                 };
                 // A full queue means the agent is not reading; dropping an ack is harmless.
                 let _ = session.outbound.try_send(Ok(ack));
-                session.set_models(hb.models);
+                for failed in session.set_models(hb.models) {
+                    audit_failed_replica(fleet, node_id, &failed).await;
+                }
                 fleet
                     .metrics
                     .heartbeat_handling
