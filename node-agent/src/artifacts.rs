@@ -294,7 +294,10 @@ impl ArtifactCache {
     /// Deletes least-recently-used cached artifacts not in `keep` until the cache, with
     /// `room_for` more bytes (an artifact about to be pulled), fits its budget. Never
     /// deletes one in `keep` (assigned or in use). Returns what was deleted.
+    /// Partial pulls of artifacts not in `keep` are deleted too: they only take disk, and
+    /// an artifact assigned again later is pulled again.
     pub fn evict(&self, keep: &BTreeSet<String>, room_for: u64) -> Vec<String> {
+        self.discard_unneeded_partials(keep);
         let Ok(entries) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
@@ -322,6 +325,30 @@ impl ArtifactCache {
             evicted.push(digest);
         }
         evicted
+    }
+
+    fn discard_unneeded_partials(&self, keep: &BTreeSet<String>) {
+        let Ok(entries) = std::fs::read_dir(&self.partial) else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let Ok(digest) = entry.file_name().into_string() else {
+                continue;
+            };
+            if keep.contains(&digest) {
+                continue;
+            }
+            let path = entry.path();
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "deleted the partial pull of an unassigned artifact")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot delete a partial pull")
+                }
+            }
+        }
     }
 }
 
@@ -596,6 +623,21 @@ mod tests {
         assert!(cache.evict(&keep, 0).is_empty());
         assert!(cache.evict(&keep, 1000).is_empty());
         assert!(cache.path_of("a").exists());
+    }
+
+    #[test]
+    fn eviction_deletes_partial_pulls_of_unassigned_artifacts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = ArtifactCache::open(dir.path(), 1 << 30).unwrap();
+        std::fs::write(cache.partial_of("assigned"), b"half").unwrap();
+        std::fs::write(cache.partial_of("unassigned"), b"half").unwrap();
+        let keep = BTreeSet::from(["assigned".to_owned()]);
+        assert!(
+            cache.evict(&keep, 0).is_empty(),
+            "no cached artifact evicted"
+        );
+        assert_eq!(cache.partial_len("assigned"), 4, "a needed partial stays");
+        assert!(!cache.partial_of("unassigned").exists());
     }
 
     #[test]
