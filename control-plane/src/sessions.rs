@@ -215,7 +215,10 @@ mod tests {
         let pulling = status("chat", ModelState::Pulling, "");
         let refused = status("chat", ModelState::Failed, "signature refused");
         assert!(session.set_models(vec![pulling.clone()]).is_empty());
-        assert_eq!(session.set_models(vec![refused.clone()]), [refused.clone()]);
+        assert_eq!(
+            session.set_models(vec![refused.clone()]),
+            std::slice::from_ref(&refused)
+        );
         assert!(
             session.set_models(vec![refused.clone()]).is_empty(),
             "the same failure reported again"
