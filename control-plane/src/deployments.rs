@@ -549,7 +549,7 @@ impl Deployments {
         for d in &mut records {
             let pinned = self.advance_rollout(d, &nodes, &policy).await?;
             rolling |= d.rollout.as_ref().is_some_and(|r| r.phase.is_active());
-            match self.demand(d, &policy, pinned).await {
+            match self.demand(d, &policy, pinned).await? {
                 Ok(demand) => demands.push(demand),
                 Err(reason) => {
                     refused.insert(d.name.clone(), reason);
@@ -799,21 +799,21 @@ impl Deployments {
         Ok(may_run(policy, &model).err())
     }
 
-    /// What placing `d` takes, or why it cannot be placed at all.
+    /// What placing `d` takes, or why it cannot be placed at all. A failed database read
+    /// fails the placement (retried), rather than refusing the deployment.
     async fn demand(
         &self,
         d: &DeploymentRecord,
         policy: &TrustPolicy,
         pinned: BTreeMap<String, rollout::Revision>,
-    ) -> Result<Demand, String> {
-        let selector = Selector::parse(&d.selector)?;
-        let artifact = self
-            .fleet
-            .store
-            .find_artifact(&d.digest)
-            .await
-            .map_err(|e| steward_telemetry::chain(&e).to_string())?
-            .ok_or_else(|| format!("artifact {} is not in the registry", d.digest))?;
+    ) -> Result<Result<Demand, String>, DeployError> {
+        let selector = match Selector::parse(&d.selector) {
+            Ok(selector) => selector,
+            Err(reason) => return Ok(Err(reason)),
+        };
+        let Some(artifact) = self.fleet.store.find_artifact(&d.digest).await? else {
+            return Ok(Err(format!("artifact {} is not in the registry", d.digest)));
+        };
         let model = ModelRecord {
             name: d.model_name.clone(),
             version: d.model_version.clone(),
@@ -821,11 +821,13 @@ impl Deployments {
             created_by: String::new(),
             artifact: artifact.clone(),
         };
-        may_run(policy, &model)?;
+        if let Err(reason) = may_run(policy, &model) {
+            return Ok(Err(reason));
+        }
         let pinned = self
             .kept(&artifact, pinned, rollout::rolled_from(d).as_ref())
             .await?;
-        Ok(Demand {
+        Ok(Ok(Demand {
             deployment: d.name.clone(),
             digest: d.digest.clone(),
             pinned,
@@ -836,7 +838,7 @@ impl Deployments {
             gpu_layers: d.gpu_layers,
             memory_bytes: memory_needed(&artifact, d.slots, d.context_per_slot),
             size_bytes: artifact.size_bytes,
-        })
+        }))
     }
 
     /// Costs each replica a rollout pins with the model and settings it keeps, and no less
@@ -848,18 +850,13 @@ impl Deployments {
         current: &ArtifactRecord,
         pinned: BTreeMap<String, rollout::Revision>,
         way_back: Option<&rollout::Revision>,
-    ) -> Result<BTreeMap<String, Kept>, String> {
+    ) -> Result<BTreeMap<String, Kept>, DeployError> {
         // Other artifacts than `current`, each looked up once (outside a rollout there are none).
         let mut others: BTreeMap<String, Option<ArtifactRecord>> = BTreeMap::new();
         let digests = pinned.values().chain(way_back).map(|r| &r.digest);
         for digest in digests {
             if *digest != current.digest && !others.contains_key(digest) {
-                let found = self
-                    .fleet
-                    .store
-                    .find_artifact(digest)
-                    .await
-                    .map_err(|e| steward_telemetry::chain(&e).to_string())?;
+                let found = self.fleet.store.find_artifact(digest).await?;
                 others.insert(digest.clone(), found);
             }
         }

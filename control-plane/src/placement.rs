@@ -515,7 +515,7 @@ mod tests {
         assert_eq!(u.missing_replicas, 2);
         let all = u.reasons.join("\n");
         for expected in [
-            "small: not enough memory: the model needs 8.0 GiB",
+            "small: not enough memory: the model needs 8.00 GiB",
             "cordoned: cordoned",
             "down: unavailable",
             "draining: draining",
@@ -551,7 +551,7 @@ mod tests {
         assert!(p.placed["m2"].is_empty());
         let reason = &p.unschedulable["m2"].reasons[0];
         assert!(
-            reason.contains("4.0 GiB is left of the node's 10.0 GiB memory limit"),
+            reason.contains("4.00 GiB is left of the node's 10.0 GiB memory limit"),
             "{reason}"
         );
 
@@ -590,7 +590,7 @@ mod tests {
         assert!(p.placed["m2"].is_empty(), "{p:#?}");
         let reason = &p.unschedulable["m2"].reasons[0];
         assert!(
-            reason.contains("4.0 GiB is left of the node's 10.0 GiB memory limit"),
+            reason.contains("4.00 GiB is left of the node's 10.0 GiB memory limit"),
             "{reason}"
         );
     }

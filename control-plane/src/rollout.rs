@@ -182,10 +182,11 @@ pub struct Unusable {
 
 /// Ends an active rollout at once when one of its two models may no longer run. A revoked
 /// model must stop serving on every node now, not when the rollout reaches the node, and it
-/// is no way back: every replica takes the other model at once, ungated. When the model a
-/// rollback returns to is the one that may not run, the rollout ends there and the
-/// deployment has nothing to run until an admin gives it a model. Returns the audit event,
-/// or `None` when both models may still run (or no rollout is active).
+/// is no way back: every replica takes the other model at once, ungated. That holds for a
+/// rollback too: when the model it returns to may no longer run, every replica takes the
+/// new model again (a failure, in the audit log), which serves where it works rather than
+/// nothing anywhere. Returns the audit event, or `None` when both models may still run (or
+/// no rollout is active).
 pub fn end_for_unusable(
     record: &mut DeploymentRecord,
     unusable: &Unusable,
@@ -214,11 +215,11 @@ pub fn end_for_unusable(
         ),
         (Some(why), None) => (
             format!(
-                "the previous model {} may no longer run: {why}; the deployment has no model \
-                 to run until it is given one",
-                rollout.from
+                "{}; then, on the way back, the previous model {} may no longer run: {why}; \
+                 every replica takes the new model again",
+                rollout.message, rollout.from
             ),
-            "deployment.rollback.forced",
+            "deployment.rollout.forced",
             "failure",
         ),
         (None, None) => return None,
@@ -239,6 +240,11 @@ pub fn end_for_unusable(
         rollout.phase = RolloutPhase::Complete;
         rollout.finished_at = Some(now);
         rollout.message = reason;
+        let to = rollout.to.clone();
+        record.model_name = to.name;
+        record.model_version = to.version;
+        record.digest = to.digest;
+        record.set_settings(to_settings);
     } else {
         roll_back(record, &reason, now);
     }
@@ -872,10 +878,15 @@ mod tests {
     }
 
     #[test]
-    fn a_rollback_to_a_model_that_may_no_longer_run_ends_there_as_a_failure() {
+    fn a_rollback_to_a_model_that_may_no_longer_run_ends_on_the_new_one_as_a_failure() {
         let mut d = record(1);
-        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        let bigger = ServingSettings {
+            slots: 2,
+            ..SETTINGS
+        };
+        start(&mut d, new_model(), bigger, "admin", 0);
         begin_roll_back(&mut d, "a: the new model failed", 3);
+        assert_eq!((d.digest.as_str(), d.slots), ("old", 1));
         let revoked = Unusable {
             from: Some("artifact old is revoked (a backdoor)".into()),
             to: None,
@@ -883,16 +894,21 @@ mod tests {
         let event = end_for_unusable(&mut d, &revoked, 5).expect("the rollback ends");
         assert_eq!(
             (event.action, event.outcome),
-            ("deployment.rollback.forced", "failure")
+            ("deployment.rollout.forced", "failure")
         );
         let rollout = d.rollout.as_ref().unwrap();
-        assert_eq!(rollout.phase, RolloutPhase::RolledBack);
+        assert_eq!(rollout.phase, RolloutPhase::Complete);
         assert!(
-            rollout.message.contains("has no model to run"),
+            rollout.message.contains("a: the new model failed")
+                && rollout.message.contains("a backdoor"),
             "{}",
             rollout.message
         );
-        assert_eq!(d.digest, "old");
+        assert_eq!(
+            (d.digest.as_str(), d.model_version.as_str(), d.slots),
+            ("new", "2", 2),
+            "the deployment takes the new model and settings again"
+        );
     }
 
     #[test]

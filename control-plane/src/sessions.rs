@@ -36,29 +36,11 @@ impl SessionHandle {
         self.last_seen_ms.store(now_ms(), Ordering::Relaxed);
     }
 
-    /// Keeps the agent's latest report; returns the models in it that failed since the
-    /// report before (newly failed, or failed for another digest or another reason), which
-    /// the control plane audits.
-    pub fn set_models(&self, models: Vec<ModelStatus>) -> Vec<ModelStatus> {
+    pub fn set_models(&self, models: Vec<ModelStatus>) {
         let mut current = self.models.lock().unwrap_or_else(|e| e.into_inner());
-        let failed = |m: &ModelStatus| m.state() == ModelState::Failed;
-        let newly_failed = models
-            .iter()
-            .filter(|m| {
-                failed(m)
-                    && !current.iter().any(|c| {
-                        failed(c)
-                            && c.name == m.name
-                            && c.digest == m.digest
-                            && c.detail == m.detail
-                    })
-            })
-            .cloned()
-            .collect();
         if *current != models {
             *current = models;
         }
-        newly_failed
     }
 }
 
@@ -68,9 +50,32 @@ pub struct SessionRegistry {
     next_epoch: AtomicU64,
     /// Set by [`SessionRegistry::cancel_all`]: the control plane is stopping.
     closed: std::sync::atomic::AtomicBool,
+    /// Per node, the failed models (name, digest, reason) its agent last reported; kept
+    /// across sessions, so a reconnect does not report the same failure again.
+    failures: Mutex<HashMap<String, Vec<(String, String, String)>>>,
 }
 
 impl SessionRegistry {
+    /// The models in the node's report that failed since its report before, across
+    /// reconnects (newly failed, or failed for another digest or reason), which the control
+    /// plane audits. Models from the agent's own configuration (no digest) are left out.
+    pub fn newly_failed(&self, node_id: &str, models: &[ModelStatus]) -> Vec<ModelStatus> {
+        let failed: Vec<&ModelStatus> = models
+            .iter()
+            .filter(|m| m.state() == ModelState::Failed && !m.digest.is_empty())
+            .collect();
+        let key = |m: &ModelStatus| (m.name.clone(), m.digest.clone(), m.detail.clone());
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let before = failures.entry(node_id.to_owned()).or_default();
+        let newly = failed
+            .iter()
+            .filter(|m| !before.contains(&key(m)))
+            .map(|m| (*m).clone())
+            .collect();
+        *before = failed.into_iter().map(key).collect();
+        newly
+    }
+
     /// Registers a new session for `node_id`, ending any older one for the same node (an agent
     /// that reconnects before its old connection timed out).
     pub fn open(&self, node_id: &str, outbound: Outbound) -> SessionHandle {
@@ -208,28 +213,32 @@ mod tests {
     }
 
     #[test]
-    fn a_model_is_reported_failed_once_per_failure() {
+    fn a_model_is_reported_failed_once_per_failure_across_reconnects() {
         let registry = SessionRegistry::default();
-        let (tx, _rx) = mpsc::channel(1);
-        let session = registry.open("n1", tx);
         let pulling = status("chat", ModelState::Pulling, "");
         let refused = status("chat", ModelState::Failed, "signature refused");
-        assert!(session.set_models(vec![pulling.clone()]).is_empty());
-        assert_eq!(
-            session.set_models(vec![refused.clone()]),
-            std::slice::from_ref(&refused)
-        );
+        let newly = |models: &[ModelStatus]| registry.newly_failed("n1", models);
+        assert!(newly(std::slice::from_ref(&pulling)).is_empty());
+        assert_eq!(newly(std::slice::from_ref(&refused)), [refused.clone()]);
         assert!(
-            session.set_models(vec![refused.clone()]).is_empty(),
-            "the same failure reported again"
+            newly(std::slice::from_ref(&refused)).is_empty(),
+            "the same failure reported again (also after a reconnect)"
+        );
+        assert_eq!(
+            registry.newly_failed("n2", std::slice::from_ref(&refused)),
+            [refused.clone()],
+            "another node's failure"
         );
         let other_reason = status("chat", ModelState::Failed, "over the memory limit");
-        assert_eq!(
-            session.set_models(vec![other_reason.clone()]),
-            [other_reason]
+        assert_eq!(newly(std::slice::from_ref(&other_reason)), [other_reason]);
+        assert!(newly(&[pulling]).is_empty());
+        assert_eq!(newly(std::slice::from_ref(&refused)), [refused]);
+        let mut configured = status("local", ModelState::Failed, "no such file");
+        configured.digest.clear();
+        assert!(
+            newly(&[configured]).is_empty(),
+            "a model of the agent's own configuration is no deployment's replica"
         );
-        assert!(session.set_models(vec![pulling]).is_empty());
-        assert_eq!(session.set_models(vec![refused.clone()]), [refused]);
     }
 
     #[test]

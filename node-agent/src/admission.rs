@@ -75,7 +75,7 @@ mod tests {
             refused,
             "not loaded: over the node's memory limit: the model needs 40.0 MiB by the \
              control plane's estimate (weights and KV cache for 2 × 512 tokens), 20.0 MiB is \
-             left of the 100.0 MiB the agent's --memory-limit-gib allows"
+             left of the 100 MiB the agent's --memory-limit-gib allows"
         );
         // A refused model took nothing: a smaller one still fits.
         assert_eq!(budget.admit(&model("c", 20)), Ok(()));

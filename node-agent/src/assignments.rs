@@ -141,6 +141,11 @@ impl Assignments {
         for digest in &revoked {
             self.cache.remove(digest);
         }
+        // What eviction must keep, set before any pull starts: a pull makes room in the
+        // cache first, and must not delete what this state assigns (a partial it resumes,
+        // an artifact another model is about to load).
+        *self.needed.lock().unwrap_or_else(|e| e.into_inner()) =
+            state.models.iter().map(|m| m.digest.clone()).collect();
         let trust = state.trust.clone().unwrap_or_default();
         // What runs keeps running (it was admitted under the same limit), counted with the
         // control plane's latest estimate; new models are admitted in name order.
@@ -184,8 +189,6 @@ impl Assignments {
                 },
             );
         }
-        let keep: BTreeSet<String> = state.models.iter().map(|m| m.digest.clone()).collect();
-        *self.needed.lock().unwrap_or_else(|e| e.into_inner()) = keep;
         self.evict(0);
     }
 

@@ -343,9 +343,10 @@ async fn session_loop(
                 };
                 // A full queue means the agent is not reading; dropping an ack is harmless.
                 let _ = session.outbound.try_send(Ok(ack));
-                for failed in session.set_models(hb.models) {
+                for failed in fleet.sessions.newly_failed(node_id, &hb.models) {
                     audit_failed_replica(fleet, node_id, &failed).await;
                 }
+                session.set_models(hb.models);
                 fleet
                     .metrics
                     .heartbeat_handling

@@ -1,8 +1,9 @@
 //! Sizes as people read them, written the same way in the control plane's placement
 //! reasons, the agent's refusals and the CLI, so one model's size reads alike in all three.
 
-/// `n` bytes in the largest binary unit it reaches, to one decimal: `512 B`, `1.5 KiB`,
-/// `344.2 MiB`, `3.0 GiB`.
+/// `n` bytes in the largest binary unit it reaches, to three significant digits: `512 B`,
+/// `1.50 KiB`, `344 MiB`, `70.0 MiB`, `4.04 GiB`. Three digits keep two sizes that differ
+/// by a percent (a model's need and what is left) from reading alike.
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut value = n as f64;
@@ -11,11 +12,13 @@ pub fn bytes(n: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+    let decimals = match value {
+        _ if unit == 0 => 0,
+        v if v < 10.0 => 2,
+        v if v < 100.0 => 1,
+        _ => 0,
+    };
+    format!("{value:.decimals$} {}", UNITS[unit])
 }
 
 #[cfg(test)]
@@ -26,10 +29,14 @@ mod tests {
     fn bytes_are_shown_in_the_largest_binary_unit_they_reach() {
         assert_eq!(bytes(0), "0 B");
         assert_eq!(bytes(512), "512 B");
-        assert_eq!(bytes(1536), "1.5 KiB");
+        assert_eq!(bytes(1536), "1.50 KiB");
         assert_eq!(bytes(70 << 20), "70.0 MiB");
-        assert_eq!(bytes(3 << 29), "1.5 GiB");
-        assert_eq!(bytes(3 << 40), "3.0 TiB");
-        assert_eq!(bytes(5 << 50), "5120.0 TiB");
+        assert_eq!(bytes(344 << 20), "344 MiB");
+        assert_eq!(bytes(3 << 29), "1.50 GiB");
+        assert_eq!(bytes(3 << 40), "3.00 TiB");
+        assert_eq!(bytes(5 << 50), "5120 TiB");
+        // A need and what is left a percent apart do not read alike.
+        let gib = |x: f64| (x * (1u64 << 30) as f64) as u64;
+        assert_ne!(bytes(gib(4.04)), bytes(gib(3.99)));
     }
 }
