@@ -14,7 +14,7 @@ use steward_db::{
     ArtifactRecord, DeploymentRecord, ModelRecord, ModelRef, NodeRecord, NodeState, RolloutPhase,
     ServingSettings, UnixSeconds,
 };
-use steward_proto::agent::v1::{Inventory, ModelStatus, ProbeResult};
+use steward_proto::agent::v1::{Inventory, ModelState, ModelStatus, ProbeResult};
 use tokio::sync::Mutex;
 
 use crate::fleet::{Actor, Fleet, FleetError, audit, now_unix};
@@ -557,7 +557,8 @@ impl Deployments {
             }
         }
         self.audit_new_refusals(&refused).await;
-        let views: Vec<NodeView> = nodes.iter().map(node_view).collect();
+        let mut views: Vec<NodeView> = nodes.iter().map(node_view).collect();
+        self.count_pending_pulls(&mut views).await?;
         let mut placement = place(&views, &demands, self.strategy);
         for (name, reason) in refused {
             let replicas = records
@@ -709,6 +710,28 @@ impl Deployments {
             self.probes.send(&self.fleet.sessions, node, &d.name, &to);
         }
         Ok(step.pinned)
+    }
+
+    /// Sets each node's disk still owed to the artifacts assigned to it that its agent has
+    /// not finished pulling: the free disk its inventory reports does not count them yet.
+    async fn count_pending_pulls(&self, views: &mut [NodeView]) -> Result<(), DeployError> {
+        let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
+        for view in views.iter_mut() {
+            for assigned in &view.assigned {
+                if !sizes.contains_key(&assigned.digest) {
+                    let size = self
+                        .fleet
+                        .store
+                        .find_artifact(&assigned.digest)
+                        .await?
+                        .map_or(0, |a| a.size_bytes);
+                    sizes.insert(assigned.digest.clone(), size);
+                }
+            }
+            let reported = self.fleet.sessions.models(&view.id);
+            view.disk_pending_bytes = disk_pending(&view.assigned, &reported, &sizes);
+        }
+        Ok(())
     }
 
     /// Audits each deployment placement newly cannot place at all (its model was revoked
@@ -972,6 +995,36 @@ pub fn memory_needed(artifact: &ArtifactRecord, slots: u32, context_per_slot: u3
     }
 }
 
+/// Bytes the assigned artifacts still need on a node, by what its agent reports: nothing for
+/// one it has in full (verifying, loading, ready) or that it refused or failed, the rest of
+/// one it is pulling, all of one it has not reported yet. An artifact two deployments share
+/// counts once.
+fn disk_pending(
+    assigned: &[steward_db::AssignedModel],
+    reported: &[ModelStatus],
+    sizes: &BTreeMap<String, u64>,
+) -> u64 {
+    let digests: std::collections::BTreeSet<&str> =
+        assigned.iter().map(|a| a.digest.as_str()).collect();
+    digests
+        .into_iter()
+        .map(|digest| {
+            let size = sizes.get(digest).copied().unwrap_or(0);
+            let states = reported.iter().filter(|s| s.digest == digest);
+            let mut pending = size;
+            for status in states {
+                let owed = match status.state() {
+                    ModelState::Pulling => status.bytes_total.saturating_sub(status.bytes_done),
+                    ModelState::Unspecified => size,
+                    _ => 0,
+                };
+                pending = pending.min(owed);
+            }
+            pending
+        })
+        .sum()
+}
+
 fn node_view(node: &NodeRecord) -> NodeView {
     let inventory: Inventory = serde_json::from_str(&node.inventory_json).unwrap_or_default();
     NodeView {
@@ -990,6 +1043,7 @@ fn node_view(node: &NodeRecord) -> NodeView {
             .unwrap_or(0),
         memory_limit_bytes: inventory.model_memory_limit_bytes,
         disk_free_bytes: inventory.disk_free_bytes,
+        disk_pending_bytes: 0,
         assigned: node.desired_models.clone(),
     }
 }
@@ -1055,4 +1109,55 @@ fn check_record(d: &DeploymentRecord) -> Result<(), DeployError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assigned(deployment: &str, digest: &str) -> steward_db::AssignedModel {
+        steward_db::AssignedModel {
+            deployment: deployment.into(),
+            digest: digest.into(),
+            slots: 1,
+            context_per_slot: 512,
+            gpu_layers: -1,
+        }
+    }
+
+    fn reported(digest: &str, state: ModelState, done: u64, total: u64) -> ModelStatus {
+        ModelStatus {
+            name: "any".into(),
+            digest: digest.into(),
+            state: state as i32,
+            bytes_done: done,
+            bytes_total: total,
+            ..ModelStatus::default()
+        }
+    }
+
+    #[test]
+    fn disk_is_pending_for_what_an_agent_has_yet_to_pull() {
+        let sizes = BTreeMap::from([
+            ("a".to_owned(), 100),
+            ("b".to_owned(), 50),
+            ("c".to_owned(), 30),
+            ("d".to_owned(), 20),
+        ]);
+        let models = [
+            assigned("unreported", "a"),
+            assigned("shares-a", "a"),
+            assigned("pulling", "b"),
+            assigned("ready", "c"),
+            assigned("refused", "d"),
+        ];
+        let statuses = [
+            reported("b", ModelState::Pulling, 20, 50),
+            reported("c", ModelState::Ready, 0, 0),
+            reported("d", ModelState::Failed, 0, 0),
+        ];
+        // All of a (once), the rest of b, nothing of c or d.
+        assert_eq!(disk_pending(&models, &statuses, &sizes), 100 + 30);
+        assert_eq!(disk_pending(&models[2..], &[], &sizes), 50 + 30 + 20);
+    }
 }

@@ -18,7 +18,8 @@
 //!   deployment's digest.
 //! - New replicas go only to nodes that are ready, not cordoned, not draining, and have the
 //!   memory (GGUF load estimate plus KV cache for slots × context) and the disk for the model,
-//!   counting what this placement already put there.
+//!   counting what this placement already put there and what the node's agent has yet to
+//!   pull for the artifacts it is assigned (its reported free disk does not count them yet).
 //! - Among those, `Spread` prefers the node with the fewest models, `Pack` the most; ties go
 //!   by node name.
 //! - Every replica that cannot be placed gets the reason of each node that was passed over.
@@ -69,6 +70,9 @@ pub struct NodeView {
     /// limit beyond the node's own memory.
     pub memory_limit_bytes: u64,
     pub disk_free_bytes: u64,
+    /// Of the free disk, what the node's assigned artifacts still take as its agent pulls
+    /// them (the free disk it reports does not count them yet).
+    pub disk_pending_bytes: u64,
     /// What the node was assigned before this placement.
     pub assigned: Vec<AssignedModel>,
 }
@@ -345,6 +349,7 @@ fn refusal(
     }
     let disk = node
         .disk_free_bytes
+        .saturating_sub(node.disk_pending_bytes)
         .saturating_sub(used_disk.bytes(&node.id));
     if !used_disk.holds(node, &demand.digest) && demand.size_bytes > disk {
         return Some(format!(
@@ -665,6 +670,19 @@ mod tests {
         assert!(p.placed["alpha"].is_empty(), "{p:#?}");
         assert!(
             p.unschedulable["alpha"].reasons[0].contains("not enough disk"),
+            "{p:#?}"
+        );
+    }
+
+    #[test]
+    fn disk_an_agent_has_yet_to_pull_is_not_free() {
+        let mut a = node("a", 64);
+        a.disk_free_bytes = GIB * 3 / 2;
+        a.disk_pending_bytes = GIB;
+        let p = place(&[a], &[demand("m", "*", 1, 1)], Strategy::Spread);
+        assert!(p.placed["m"].is_empty(), "{p:#?}");
+        assert!(
+            p.unschedulable["m"].reasons[0].contains("not enough disk"),
             "{p:#?}"
         );
     }
