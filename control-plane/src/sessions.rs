@@ -44,6 +44,9 @@ impl SessionHandle {
     }
 }
 
+/// A failed model as its agent reported it: name, digest and reason.
+type Failure = (String, String, String);
+
 #[derive(Debug, Default)]
 pub struct SessionRegistry {
     sessions: Mutex<HashMap<String, SessionHandle>>,
@@ -52,7 +55,7 @@ pub struct SessionRegistry {
     closed: std::sync::atomic::AtomicBool,
     /// Per node, the failed models (name, digest, reason) its agent last reported; kept
     /// across sessions, so a reconnect does not report the same failure again.
-    failures: Mutex<HashMap<String, Vec<(String, String, String)>>>,
+    failures: Mutex<HashMap<String, Vec<Failure>>>,
 }
 
 impl SessionRegistry {
@@ -219,14 +222,17 @@ mod tests {
         let refused = status("chat", ModelState::Failed, "signature refused");
         let newly = |models: &[ModelStatus]| registry.newly_failed("n1", models);
         assert!(newly(std::slice::from_ref(&pulling)).is_empty());
-        assert_eq!(newly(std::slice::from_ref(&refused)), [refused.clone()]);
+        assert_eq!(
+            newly(std::slice::from_ref(&refused)),
+            std::slice::from_ref(&refused)
+        );
         assert!(
             newly(std::slice::from_ref(&refused)).is_empty(),
             "the same failure reported again (also after a reconnect)"
         );
         assert_eq!(
             registry.newly_failed("n2", std::slice::from_ref(&refused)),
-            [refused.clone()],
+            std::slice::from_ref(&refused),
             "another node's failure"
         );
         let other_reason = status("chat", ModelState::Failed, "over the memory limit");
