@@ -558,7 +558,7 @@ impl Deployments {
         }
         self.audit_new_refusals(&refused).await;
         let mut views: Vec<NodeView> = nodes.iter().map(node_view).collect();
-        self.count_pending_pulls(&mut views).await?;
+        self.count_pending_pulls(&mut views);
         let mut placement = place(&views, &demands, self.strategy);
         for (name, reason) in refused {
             let replicas = records
@@ -712,26 +712,13 @@ impl Deployments {
         Ok(step.pinned)
     }
 
-    /// Sets each node's disk still owed to the artifacts assigned to it that its agent has
-    /// not finished pulling: the free disk its inventory reports does not count them yet.
-    async fn count_pending_pulls(&self, views: &mut [NodeView]) -> Result<(), DeployError> {
-        let mut sizes: BTreeMap<String, u64> = BTreeMap::new();
+    /// Sets each node's disk still owed to the artifacts its agent is pulling: the free disk
+    /// its inventory reports does not count those bytes yet.
+    fn count_pending_pulls(&self, views: &mut [NodeView]) {
         for view in views.iter_mut() {
-            for assigned in &view.assigned {
-                if !sizes.contains_key(&assigned.digest) {
-                    let size = self
-                        .fleet
-                        .store
-                        .find_artifact(&assigned.digest)
-                        .await?
-                        .map_or(0, |a| a.size_bytes);
-                    sizes.insert(assigned.digest.clone(), size);
-                }
-            }
             let reported = self.fleet.sessions.models(&view.id);
-            view.disk_pending_bytes = disk_pending(&view.assigned, &reported, &sizes);
+            view.disk_pending_bytes = disk_pending(&view.assigned, &reported);
         }
-        Ok(())
     }
 
     /// Audits each deployment placement newly cannot place at all (its model was revoked
@@ -995,32 +982,30 @@ pub fn memory_needed(artifact: &ArtifactRecord, slots: u32, context_per_slot: u3
     }
 }
 
-/// Bytes the assigned artifacts still need on a node, by what its agent reports: nothing for
-/// one it has in full (verifying, loading, ready) or that it refused or failed, the rest of
-/// one it is pulling, all of one it has not reported yet. An artifact two deployments share
-/// counts once.
-fn disk_pending(
-    assigned: &[steward_db::AssignedModel],
-    reported: &[ModelStatus],
-    sizes: &BTreeMap<String, u64>,
-) -> u64 {
+/// Bytes the assigned artifacts still need on a node while its agent pulls them, by what it
+/// reports: the rest of one it is pulling; nothing for one it has in full (verifying,
+/// loading or ready under any deployment), nor for one it has not reported pulling (the
+/// placement that assigned it counted it in full; a cached one is already off the free
+/// disk its inventory reports). An artifact two deployments share counts once; a failed
+/// model (refused for memory, say) says nothing about the pull of its artifact for another.
+fn disk_pending(assigned: &[steward_db::AssignedModel], reported: &[ModelStatus]) -> u64 {
     let digests: std::collections::BTreeSet<&str> =
         assigned.iter().map(|a| a.digest.as_str()).collect();
     digests
         .into_iter()
         .map(|digest| {
-            let size = sizes.get(digest).copied().unwrap_or(0);
-            let states = reported.iter().filter(|s| s.digest == digest);
-            let mut pending = size;
-            for status in states {
-                let owed = match status.state() {
-                    ModelState::Pulling => status.bytes_total.saturating_sub(status.bytes_done),
-                    ModelState::Unspecified => size,
-                    _ => 0,
-                };
-                pending = pending.min(owed);
+            let mut pulling: Option<u64> = None;
+            for status in reported.iter().filter(|s| s.digest == digest) {
+                match status.state() {
+                    ModelState::Verifying | ModelState::Loading | ModelState::Ready => return 0,
+                    ModelState::Pulling => {
+                        let owed = status.bytes_total.saturating_sub(status.bytes_done);
+                        pulling = Some(pulling.map_or(owed, |p| p.min(owed)));
+                    }
+                    ModelState::Failed | ModelState::Unspecified => {}
+                }
             }
-            pending
+            pulling.unwrap_or(0)
         })
         .sum()
 }
@@ -1137,27 +1122,27 @@ mod tests {
     }
 
     #[test]
-    fn disk_is_pending_for_what_an_agent_has_yet_to_pull() {
-        let sizes = BTreeMap::from([
-            ("a".to_owned(), 100),
-            ("b".to_owned(), 50),
-            ("c".to_owned(), 30),
-            ("d".to_owned(), 20),
-        ]);
+    fn disk_is_pending_for_what_an_agent_is_still_pulling() {
         let models = [
-            assigned("unreported", "a"),
+            assigned("pulling", "a"),
             assigned("shares-a", "a"),
-            assigned("pulling", "b"),
+            assigned("refused-beside-a-pull", "b"),
+            assigned("pulling-b", "b"),
             assigned("ready", "c"),
-            assigned("refused", "d"),
+            assigned("unreported", "d"),
+            assigned("refused", "e"),
         ];
         let statuses = [
-            reported("b", ModelState::Pulling, 20, 50),
+            reported("a", ModelState::Pulling, 20, 100),
+            reported("a", ModelState::Pulling, 20, 100),
+            reported("b", ModelState::Failed, 0, 0),
+            reported("b", ModelState::Pulling, 10, 50),
             reported("c", ModelState::Ready, 0, 0),
-            reported("d", ModelState::Failed, 0, 0),
+            reported("c", ModelState::Pulling, 0, 30),
+            reported("e", ModelState::Failed, 0, 0),
         ];
-        // All of a (once), the rest of b, nothing of c or d.
-        assert_eq!(disk_pending(&models, &statuses, &sizes), 100 + 30);
-        assert_eq!(disk_pending(&models[2..], &[], &sizes), 50 + 30 + 20);
+        // The rest of a (once) and of b; nothing of c (in full), d or e.
+        assert_eq!(disk_pending(&models, &statuses), 80 + 40);
+        assert_eq!(disk_pending(&models, &[]), 0, "nothing reported yet");
     }
 }
