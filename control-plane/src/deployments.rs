@@ -497,16 +497,8 @@ impl Deployments {
         };
         let mut models = self.registry.resolve(reference).await?;
         let model = models.remove(0);
-        let artifact = &model.artifact;
-        if artifact.revoked_at.is_some() {
-            return Err(refused(format!(
-                "artifact {} is revoked ({})",
-                artifact.digest,
-                artifact.revoked_reason.as_deref().unwrap_or("no reason")
-            )));
-        }
         let policy = TrustPolicy::load(&self.fleet.store).await?;
-        trusted(&policy, &model).map_err(refused)?;
+        may_run(&policy, &model).map_err(refused)?;
         Ok(model)
     }
 
@@ -557,8 +549,10 @@ impl Deployments {
             }
         }
         self.audit_new_refusals(&refused).await;
-        let mut views: Vec<NodeView> = nodes.iter().map(node_view).collect();
-        self.count_pending_pulls(&mut views);
+        let views: Vec<NodeView> = nodes
+            .iter()
+            .map(|node| node_view(node, &self.fleet.sessions.models(&node.id)))
+            .collect();
         let mut placement = place(&views, &demands, self.strategy);
         for (name, reason) in refused {
             let replicas = records
@@ -710,15 +704,6 @@ impl Deployments {
             self.probes.send(&self.fleet.sessions, node, &d.name, &to);
         }
         Ok(step.pinned)
-    }
-
-    /// Sets each node's disk still owed to the artifacts its agent is pulling: the free disk
-    /// its inventory reports does not count those bytes yet.
-    fn count_pending_pulls(&self, views: &mut [NodeView]) {
-        for view in views.iter_mut() {
-            let reported = self.fleet.sessions.models(&view.id);
-            view.disk_pending_bytes = disk_pending(&view.assigned, &reported);
-        }
     }
 
     /// Audits each deployment placement newly cannot place at all (its model was revoked
@@ -942,7 +927,6 @@ fn rollout_change(record: &DeploymentRecord, r: &steward_db::Rollout) -> String 
     }
 }
 
-/// Whether `model` verifies under `policy` now (anchors may have been removed since push).
 /// Whether `model` may run: its artifact is not revoked, and it is trusted under `policy`.
 fn may_run(policy: &TrustPolicy, model: &ModelRecord) -> Result<(), String> {
     let artifact = &model.artifact;
@@ -956,6 +940,7 @@ fn may_run(policy: &TrustPolicy, model: &ModelRecord) -> Result<(), String> {
     trusted(policy, model)
 }
 
+/// Whether `model` verifies under `policy` now (anchors may have been removed since push).
 fn trusted(policy: &TrustPolicy, model: &ModelRecord) -> Result<(), String> {
     let artifact = &model.artifact;
     let digest = Sha256Hex::parse(&artifact.digest)
@@ -1010,7 +995,8 @@ fn disk_pending(assigned: &[steward_db::AssignedModel], reported: &[ModelStatus]
         .sum()
 }
 
-fn node_view(node: &NodeRecord) -> NodeView {
+/// A node as placement sees it, with `reported`: the model states its agent last reported.
+fn node_view(node: &NodeRecord, reported: &[ModelStatus]) -> NodeView {
     let inventory: Inventory = serde_json::from_str(&node.inventory_json).unwrap_or_default();
     NodeView {
         id: node.id.clone(),
@@ -1028,7 +1014,7 @@ fn node_view(node: &NodeRecord) -> NodeView {
             .unwrap_or(0),
         memory_limit_bytes: inventory.model_memory_limit_bytes,
         disk_free_bytes: inventory.disk_free_bytes,
-        disk_pending_bytes: 0,
+        disk_pending_bytes: disk_pending(&node.desired_models, reported),
         assigned: node.desired_models.clone(),
     }
 }
