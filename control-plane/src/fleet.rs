@@ -351,6 +351,36 @@ impl Fleet {
         Ok(node)
     }
 
+    /// Ends the session `epoch` of `node_id`; if it was the node's current one, stores the node
+    /// unavailable. If that write fails, the sweeper tries it again
+    /// ([`Fleet::store_unrecorded_nodes_unavailable`]): a node stored ready without a session
+    /// would take replicas it never runs, and nothing else would correct it.
+    pub async fn end_session(&self, node_id: &str, epoch: u64) {
+        self.sessions
+            .close_recording(node_id, epoch, async {
+                if let Err(e) = self.node_disconnected(node_id).await {
+                    tracing::error!(node_id, error = %steward_telemetry::chain(&e), "could not store the node unavailable; trying again");
+                    self.sessions.remember_unrecorded(node_id);
+                }
+            })
+            .await;
+    }
+
+    /// Stores unavailable each node whose session ended but whose write failed, unless it
+    /// has a session again; a write that fails again is tried on the next call.
+    pub async fn store_unrecorded_nodes_unavailable(&self) {
+        for node_id in self.sessions.take_unrecorded() {
+            let _turn = self.sessions.turn(&node_id).await;
+            if self.sessions.get(&node_id).is_some() {
+                continue;
+            }
+            if let Err(e) = self.node_disconnected(&node_id).await {
+                tracing::error!(node_id, error = %steward_telemetry::chain(&e), "could not store the node unavailable; trying again");
+                self.sessions.remember_unrecorded(&node_id);
+            }
+        }
+    }
+
     pub async fn node_disconnected(&self, node_id: &str) -> Result<(), FleetError> {
         if self
             .store

@@ -315,6 +315,8 @@ pub async fn run(
     Ok(())
 }
 
+/// Each tick: ends sessions silent for `timeout`, and stores unavailable the nodes whose
+/// session ended but whose write failed.
 async fn sweep_silent_sessions(fleet: Arc<Fleet>, timeout: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1).min(timeout / 2));
     loop {
@@ -325,6 +327,7 @@ async fn sweep_silent_sessions(fleet: Arc<Fleet>, timeout: Duration, shutdown: C
                 if n > 0 {
                     tracing::warn!(sessions = n, timeout = ?timeout, "ended silent agent sessions");
                 }
+                fleet.store_unrecorded_nodes_unavailable().await;
             }
         }
     }

@@ -56,6 +56,12 @@ pub struct SessionRegistry {
     /// Per node, the failed models (name, digest, reason) its agent last reported; kept
     /// across sessions, so a reconnect does not report the same failure again.
     failures: Mutex<HashMap<String, Vec<Failure>>>,
+    /// Per node, a turn that a session takes to open or end together with storing the
+    /// node's state: see [`SessionRegistry::open_recording`].
+    turns: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Nodes whose session ended (or failed to open) but could not be stored unavailable;
+    /// see [`crate::fleet::Fleet::store_unrecorded_nodes_unavailable`].
+    unrecorded: Mutex<std::collections::BTreeSet<String>>,
 }
 
 impl SessionRegistry {
@@ -77,6 +83,87 @@ impl SessionRegistry {
             .collect();
         *before = failed.into_iter().map(key).collect();
         newly
+    }
+
+    /// Opens a session for `node_id` (see [`SessionRegistry::open`]) and runs `record`, which
+    /// stores the node as connected, in the node's turn: an older session that ended just
+    /// before cannot store the node as unavailable after it (see
+    /// [`SessionRegistry::close_recording`]). If `record` fails, the session is closed again.
+    pub async fn open_recording<T, E>(
+        &self,
+        node_id: &str,
+        outbound: Outbound,
+        record: impl Future<Output = Result<T, E>>,
+    ) -> Result<(SessionHandle, T), E> {
+        let _turn = self.turn(node_id).await;
+        let session = self.open(node_id, outbound);
+        match record.await {
+            Ok(recorded) => Ok((session, recorded)),
+            Err(e) => {
+                self.close(node_id, session.epoch);
+                Err(e)
+            }
+        }
+    }
+
+    /// Closes the session (see [`SessionRegistry::close`]) and, if it was the node's current
+    /// one, runs `record`, which stores the node as unavailable, in the node's turn: a newer
+    /// session opening meanwhile stores the node as connected only after that. Without the
+    /// turn, an agent that reconnected at once could stay unavailable while it is connected.
+    /// Returns whether the session was current.
+    pub async fn close_recording(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        record: impl Future<Output = ()>,
+    ) -> bool {
+        let _turn = self.turn(node_id).await;
+        let current = self.close(node_id, epoch);
+        if current {
+            record.await;
+        }
+        current
+    }
+
+    /// Runs `record` (storing what the session's agent reported) in the node's turn, and only
+    /// if the session is still the node's current one: a session that a reconnect replaced
+    /// must not overwrite what the newer session stored. `None` if it was not current.
+    pub async fn record_if_current<T>(
+        &self,
+        node_id: &str,
+        epoch: u64,
+        record: impl Future<Output = T>,
+    ) -> Option<T> {
+        let _turn = self.turn(node_id).await;
+        let current = self.lock().get(node_id).is_some_and(|s| s.epoch == epoch);
+        if current { Some(record.await) } else { None }
+    }
+
+    /// Remembers that `node_id` has no session but could not be stored unavailable.
+    pub fn remember_unrecorded(&self, node_id: &str) {
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node_id.to_owned());
+    }
+
+    /// The nodes remembered by [`SessionRegistry::remember_unrecorded`], forgotten here.
+    pub fn take_unrecorded(&self) -> Vec<String> {
+        std::mem::take(&mut *self.unrecorded.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .collect()
+    }
+
+    /// Waits for the node's turn to open or end a session, or to store what it reported.
+    pub async fn turn(&self, node_id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let turn = self
+            .turns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(node_id.to_owned())
+            .or_default()
+            .clone();
+        turn.lock_owned().await
     }
 
     /// Registers a new session for `node_id`, ending any older one for the same node (an agent
@@ -176,7 +263,6 @@ impl SessionRegistry {
         }
     }
 
-    /// Unix seconds of the last message from a connected node.
     /// The models a connected node reported last; empty when it is not connected.
     pub fn models(&self, node_id: &str) -> Vec<ModelStatus> {
         self.get(node_id)
@@ -184,6 +270,7 @@ impl SessionRegistry {
             .unwrap_or_default()
     }
 
+    /// Unix seconds of the last message from a connected node.
     pub fn last_seen_unix(&self, node_id: &str) -> Option<i64> {
         self.get(node_id)
             .map(|h| h.last_seen_ms.load(Ordering::Relaxed) / 1000)
@@ -262,6 +349,94 @@ mod tests {
         assert!(registry.get("n1").is_some());
         assert!(registry.close("n1", new.epoch));
         assert!(registry.is_empty());
+    }
+
+    /// The order a flaky end-to-end test once met: the old session ends, and while its
+    /// node is being stored unavailable the agent's new session opens. The node must end
+    /// stored connected.
+    #[tokio::test]
+    async fn a_node_that_reconnects_while_its_old_session_ends_is_stored_connected_last() {
+        let registry = Arc::new(SessionRegistry::default());
+        let stored = Arc::new(Mutex::new(Vec::new()));
+        let (tx1, _rx1) = mpsc::channel(1);
+        let old = registry.open("n1", tx1);
+        let (writing, write_started) = tokio::sync::oneshot::channel();
+        let closing = tokio::spawn({
+            let (registry, stored) = (registry.clone(), stored.clone());
+            async move {
+                registry
+                    .close_recording("n1", old.epoch, async {
+                        writing.send(()).unwrap();
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        stored.lock().unwrap().push("unavailable");
+                    })
+                    .await
+            }
+        });
+        write_started.await.unwrap();
+        let (tx2, _rx2) = mpsc::channel(1);
+        let (new, ()) = registry
+            .open_recording("n1", tx2, async {
+                stored.lock().unwrap().push("connected");
+                Ok::<_, String>(())
+            })
+            .await
+            .unwrap();
+        assert!(
+            closing.await.unwrap(),
+            "the old session was current when it ended"
+        );
+        assert_eq!(*stored.lock().unwrap(), ["unavailable", "connected"]);
+        assert_eq!(registry.get("n1").map(|s| s.epoch), Some(new.epoch));
+    }
+
+    #[tokio::test]
+    async fn a_session_whose_node_cannot_be_stored_connected_is_closed_again() {
+        let registry = SessionRegistry::default();
+        let (tx, _rx) = mpsc::channel(1);
+        let failed = registry
+            .open_recording("n1", tx, async { Err::<(), _>("database down") })
+            .await;
+        assert_eq!(failed.err(), Some("database down"));
+        assert!(registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_replaced_session_does_not_store_what_its_agent_reported() {
+        let registry = SessionRegistry::default();
+        let (tx1, _rx1) = mpsc::channel(1);
+        let (tx2, _rx2) = mpsc::channel(1);
+        let old = registry.open("n1", tx1);
+        assert_eq!(
+            registry
+                .record_if_current("n1", old.epoch, async { 1 })
+                .await,
+            Some(1)
+        );
+        let new = registry.open("n1", tx2);
+        assert_eq!(
+            registry
+                .record_if_current("n1", old.epoch, async { 2 })
+                .await,
+            None,
+            "the replaced session's late inventory or acknowledgement"
+        );
+        assert_eq!(
+            registry
+                .record_if_current("n1", new.epoch, async { 3 })
+                .await,
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn nodes_left_unrecorded_are_handed_out_once() {
+        let registry = SessionRegistry::default();
+        registry.remember_unrecorded("n2");
+        registry.remember_unrecorded("n1");
+        registry.remember_unrecorded("n2");
+        assert_eq!(registry.take_unrecorded(), ["n1", "n2"]);
+        assert!(registry.take_unrecorded().is_empty());
     }
 
     #[test]

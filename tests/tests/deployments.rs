@@ -620,8 +620,24 @@ async fn a_revoked_artifact_is_deleted_where_it_is_only_cached() {
     w.wait_rollout("chat", RolloutPhase::Complete, Duration::from_secs(60))
         .await;
     assert!(w.cached_file().exists(), "version 1 stays cached, unneeded");
+    let before = w.admin.node(&w.node_id).await.desired_generation;
     w.revoke(&w.model.digest, "test: found a backdoor").await;
     wait_deleted(&w.cached_file(), "the revoked, cached-only artifact").await;
+    // The revocation is a new desired state, so a state sent before it cannot undo it.
+    let node = w.admin.node(&w.node_id).await;
+    assert!(
+        node.desired_generation > before,
+        "the revocation did not raise the node's generation ({before})"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while w.admin.node(&w.node_id).await.applied_generation != node.desired_generation {
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not acknowledge generation {}",
+            node.desired_generation
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         w.complete("chat").await.status(),
         200,

@@ -180,6 +180,50 @@ async fn node_goes_unavailable_when_its_agent_stops_and_returns_with_the_same_id
     db.cleanup().await;
 }
 
+/// When storing a node unavailable fails as its session ends, the node would read as ready
+/// with no agent behind it, and take replicas it never runs. The sweeper stores it
+/// unavailable later, unless its agent has reconnected meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_left_ready_without_a_session_is_stored_unavailable_by_the_sweeper() {
+    init_logging();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = TestControlPlane::start(&db).await;
+    let admin = cp.admin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (agent, node_id) = TestAgent::start_ready(&cp.endpoint, &admin, dir.path()).await;
+    agent.stop().await.unwrap();
+    admin
+        .wait_for_state(&node_id, NodeState::Unavailable, Duration::from_secs(30))
+        .await;
+    // What a failed write leaves: the node stored ready, no session, the node remembered.
+    let fleet = cp.control_plane.as_ref().unwrap().fleet().clone();
+    let inventory = steward_proto::agent::v1::Inventory::default();
+    fleet
+        .node_connected(&node_id, "test", &inventory, 0)
+        .await
+        .unwrap();
+    assert_eq!(admin.node(&node_id).await.state(), NodeState::Ready);
+    fleet.sessions.remember_unrecorded(&node_id);
+    admin
+        .wait_for_state(&node_id, NodeState::Unavailable, Duration::from_secs(5))
+        .await;
+
+    let agent = TestAgent::start(&cp.endpoint, dir.path(), None);
+    admin
+        .wait_for_state(&node_id, NodeState::Ready, Duration::from_secs(10))
+        .await;
+    fleet.sessions.remember_unrecorded(&node_id);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        admin.node(&node_id).await.state(),
+        NodeState::Ready,
+        "a node whose agent reconnected stays ready"
+    );
+    agent.stop().await.unwrap();
+    cp.stop().await;
+    db.cleanup().await;
+}
+
 async fn silent_agent_is_marked_unavailable_after_the_heartbeat_timeout(backend: Backend) {
     init_logging();
     let db = TestDb::new(backend).await;

@@ -7,7 +7,7 @@ use sea_orm::{
     ActiveModelTrait, ActiveValue::Set, ColumnTrait, EntityTrait, QueryFilter, QueryOrder,
 };
 
-use crate::entity::{artifact, audit_event, model_version, trust_anchor, unsigned_allowance};
+use crate::entity::{artifact, audit_event, model_version, node, trust_anchor, unsigned_allowance};
 use crate::records::*;
 use crate::store::{DbError, Store, audit_record};
 
@@ -201,6 +201,21 @@ impl Store {
             .exec(&*txn)
             .await?
             .rows_affected;
+        if changed == 1 {
+            // Every node's desired state lists the revoked digests, so every node's changes:
+            // a desired state computed before this revocation then reads as older and the
+            // agent ignores it when it arrives after the one that carries the revocation.
+            node::Entity::update_many()
+                .col_expr(
+                    node::Column::DesiredGeneration,
+                    sea_orm::sea_query::ExprTrait::add(
+                        Expr::col(node::Column::DesiredGeneration),
+                        1,
+                    ),
+                )
+                .exec(&*txn)
+                .await?;
+        }
         let audit = (changed == 1).then_some(audit);
         let stored = artifact::Entity::find_by_id(digest).one(&*txn).await?;
         txn.commit(audit).await?;

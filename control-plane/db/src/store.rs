@@ -507,13 +507,27 @@ impl Store {
         if current.cordoned == cordoned && current.draining == draining {
             return node_record(current);
         }
+        // The bump adds to the stored generation in the write itself: a placement storing a
+        // new assignment meanwhile (which bumps it too) then cannot leave two different
+        // desired states under one generation.
         let bump = i64::from(current.draining != draining);
-        let desired_generation = current.desired_generation + bump;
-        let mut model: node::ActiveModel = current.into();
-        model.cordoned = Set(cordoned);
-        model.draining = Set(draining);
-        model.desired_generation = Set(desired_generation);
-        let updated = model.update(&*txn).await?;
+        node::Entity::update_many()
+            .col_expr(node::Column::Cordoned, Expr::value(cordoned))
+            .col_expr(node::Column::Draining, Expr::value(draining))
+            .col_expr(
+                node::Column::DesiredGeneration,
+                sea_orm::sea_query::ExprTrait::add(
+                    Expr::col(node::Column::DesiredGeneration),
+                    bump,
+                ),
+            )
+            .filter(node::Column::Id.eq(id))
+            .exec(&*txn)
+            .await?;
+        let updated = node::Entity::find_by_id(id)
+            .one(&*txn)
+            .await?
+            .ok_or_else(|| DbError::NotFound(format!("node {id}")))?;
         txn.commit(Some(audit)).await?;
         node_record(updated)
     }

@@ -261,49 +261,50 @@ async fn run_session(
     let inventory = hello.inventory.unwrap_or_default();
     // The session is registered before the node is stored as ready, so a node that reads
     // as ready is also connected (listing it in between showed it ready but not connected).
-    let session = fleet.sessions.open(node_id, outbound.clone());
-    let node = match fleet
-        .node_connected(
+    let (session, node) = fleet
+        .sessions
+        .open_recording(
             node_id,
-            &hello.agent_version,
-            &inventory,
-            hello.applied_generation,
+            outbound.clone(),
+            fleet.node_connected(
+                node_id,
+                &hello.agent_version,
+                &inventory,
+                hello.applied_generation,
+            ),
         )
         .await
-    {
-        Ok(node) => node,
-        Err(e) => {
-            fleet.sessions.close(node_id, session.epoch);
-            return Err(steward_telemetry::chain(&e).to_string());
-        }
-    };
+        .map_err(|e| {
+            // The write may have landed before it failed: the node may read as ready.
+            fleet.sessions.remember_unrecorded(node_id);
+            steward_telemetry::chain(&e).to_string()
+        })?;
     // A node that comes back may take replicas that found no place while it was away.
     deployments.trigger();
-    let desired = fleet
-        .desired_state(&node)
+    // Whatever ends the session from here on, it is closed and the node stored unavailable.
+    let result = async {
+        let desired = fleet
+            .desired_state(&node)
+            .await
+            .map_err(|e| steward_telemetry::chain(&e).to_string())?;
+        let _ = outbound
+            .send(Ok(ControlMessage {
+                body: Some(control_message::Body::DesiredState(desired)),
+            }))
+            .await;
+        session_loop(
+            fleet,
+            deployments,
+            node_id,
+            &session,
+            &mut inbound,
+            inventory,
+        )
         .await
-        .map_err(|e| steward_telemetry::chain(&e).to_string())?;
-    let _ = outbound
-        .send(Ok(ControlMessage {
-            body: Some(control_message::Body::DesiredState(desired)),
-        }))
-        .await;
-
-    let result = session_loop(
-        fleet,
-        deployments,
-        node_id,
-        &session,
-        &mut inbound,
-        inventory,
-    )
+    }
     .await;
 
-    if fleet.sessions.close(node_id, session.epoch)
-        && let Err(e) = fleet.node_disconnected(node_id).await
-    {
-        tracing::error!(node_id, error = %steward_telemetry::chain(&e), "could not record node as unavailable");
-    }
+    fleet.end_session(node_id, session.epoch).await;
     result
 }
 
@@ -354,9 +355,17 @@ async fn session_loop(
             }
             Some(agent_message::Body::Inventory(new)) => {
                 if new != inventory {
-                    fleet
-                        .inventory_changed(node_id, &new)
-                        .await
+                    // Not once a newer session of the node has stored its own inventory.
+                    let stored = fleet
+                        .sessions
+                        .record_if_current(
+                            node_id,
+                            session.epoch,
+                            fleet.inventory_changed(node_id, &new),
+                        )
+                        .await;
+                    stored
+                        .transpose()
                         .map_err(|e| steward_telemetry::chain(&e).to_string())?;
                     inventory = new;
                     deployments.trigger();
@@ -364,9 +373,16 @@ async fn session_loop(
             }
             Some(agent_message::Body::Ack(ack)) => {
                 if ack.error.is_empty() {
-                    fleet
-                        .generation_applied(node_id, ack.generation)
-                        .await
+                    let stored = fleet
+                        .sessions
+                        .record_if_current(
+                            node_id,
+                            session.epoch,
+                            fleet.generation_applied(node_id, ack.generation),
+                        )
+                        .await;
+                    stored
+                        .transpose()
                         .map_err(|e| steward_telemetry::chain(&e).to_string())?;
                 } else {
                     tracing::warn!(node_id, generation = ack.generation, error = %ack.error, "agent could not apply desired state");
