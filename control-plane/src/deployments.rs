@@ -731,7 +731,16 @@ impl Deployments {
                 json!({"reason": reason}),
             );
             if let Err(e) = self.fleet.store.append_audit(event).await {
-                tracing::error!(error = %steward_telemetry::chain(&e), "could not audit a refused deployment");
+                tracing::error!(error = %steward_telemetry::chain(&e), "could not audit a refused deployment; trying again");
+                // Forgotten, so the next placement sees the refusal as new and audits it.
+                if let Some(known) = self
+                    .refused
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    known.remove(name);
+                }
             }
         }
     }

@@ -85,6 +85,24 @@ impl SessionRegistry {
         newly
     }
 
+    /// Forgets that `failed` was reported (its audit could not be written), so the node's
+    /// next report of it counts as new in [`SessionRegistry::newly_failed`].
+    pub fn forget_failure(&self, node_id: &str, failed: &ModelStatus) {
+        let key = (
+            failed.name.clone(),
+            failed.digest.clone(),
+            failed.detail.clone(),
+        );
+        if let Some(known) = self
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(node_id)
+        {
+            known.retain(|k| *k != key);
+        }
+    }
+
     /// Opens a session for `node_id` (see [`SessionRegistry::open`]) and runs `record`, which
     /// stores the node as connected, in the node's turn: an older session that ended just
     /// before cannot store the node as unavailable after it (see
@@ -325,7 +343,13 @@ mod tests {
         let other_reason = status("chat", ModelState::Failed, "over the memory limit");
         assert_eq!(newly(std::slice::from_ref(&other_reason)), [other_reason]);
         assert!(newly(&[pulling]).is_empty());
-        assert_eq!(newly(std::slice::from_ref(&refused)), [refused]);
+        assert_eq!(newly(std::slice::from_ref(&refused)), [refused.clone()]);
+        registry.forget_failure("n1", &refused);
+        assert_eq!(
+            newly(std::slice::from_ref(&refused)),
+            std::slice::from_ref(&refused),
+            "a failure whose audit could not be written is reported again"
+        );
         let mut configured = status("local", ModelState::Failed, "no such file");
         configured.digest.clear();
         assert!(

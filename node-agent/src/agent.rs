@@ -175,6 +175,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     if let Some(serving) = serving {
         serving.unload_all().await;
+        serving.api_closed().await;
     }
     Ok(())
 }

@@ -165,6 +165,8 @@ pub struct Serving {
     loading: Arc<AtomicUsize>,
     draining: Arc<std::sync::atomic::AtomicBool>,
     free_vram: Option<u64>,
+    /// Cancelled once the API's listener is closed.
+    api_closed: CancellationToken,
 }
 
 impl Serving {
@@ -216,6 +218,7 @@ impl Serving {
             loading: loading.clone(),
             draining: Arc::default(),
             free_vram: free_vram_bytes(inventory),
+            api_closed: CancellationToken::new(),
         });
         let state = ApiState {
             models: serving.models.clone(),
@@ -224,9 +227,16 @@ impl Serving {
             loading,
             draining: serving.draining.clone(),
         };
+        // Dropped with the listener, also if the server task panics.
+        let closed = serving.api_closed.clone().drop_guard();
         tokio::spawn(async move {
-            if let Err(e) =
-                steward_engine::api::serve(listener, state, shutdown.cancelled_owned()).await
+            if let Err(e) = steward_engine::api::serve_telling_closed(
+                listener,
+                state,
+                shutdown.cancelled_owned(),
+                closed,
+            )
+            .await
             {
                 tracing::error!(error = %e, "the inference API stopped");
             }
@@ -244,6 +254,13 @@ impl Serving {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Waits until the API has stopped listening (after shutdown): its port can be bound
+    /// again, say by the same agent restarted in this process. Requests in flight may
+    /// still be finishing.
+    pub async fn api_closed(&self) {
+        self.api_closed.cancelled().await;
     }
 
     /// Sets (or adds) a model's state, e.g. while its artifact is pulled.

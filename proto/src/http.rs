@@ -29,6 +29,18 @@ pub async fn serve(
     head_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_telling_closed(listener, router, head_timeout, shutdown, ()).await
+}
+
+/// [`serve`], dropping `closed` as soon as the listener is closed, before the requests in
+/// flight finish: a drop guard there tells the owner that the port can be bound again.
+pub async fn serve_telling_closed(
+    listener: TcpListener,
+    router: axum::Router,
+    head_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    closed: impl Send + 'static,
+) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
@@ -64,6 +76,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    drop(closed);
     graceful.shutdown().await;
     Ok(())
 }

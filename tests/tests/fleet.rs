@@ -224,6 +224,40 @@ async fn a_node_left_ready_without_a_session_is_stored_unavailable_by_the_sweepe
     db.cleanup().await;
 }
 
+/// When an agent's run returns, its inference API no longer listens: the same agent started
+/// again at once (in this process, as tests restart agents) can bind its port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_has_released_its_api_port() {
+    init_logging();
+    let db = TestDb::new(Backend::Sqlite).await;
+    let cp = TestControlPlane::start(&db).await;
+    let admin = cp.admin().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut token = Some(admin.token(600).await);
+    for _ in 0..5 {
+        let api = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let serving = steward_node_agent::serving::ServingConfig {
+            listen: api,
+            api_keys: vec!["sk-port".into()],
+            models: Vec::new(),
+        };
+        let agent = TestAgent::start_serving(&cp.endpoint, dir.path(), token.take(), Some(serving));
+        let node_id = agent.node_id().await;
+        admin
+            .wait_for_state(&node_id, NodeState::Ready, Duration::from_secs(10))
+            .await;
+        agent.stop().await.unwrap();
+        if let Err(e) = std::net::TcpListener::bind(api) {
+            panic!("the stopped agent still holds its API port {api}: {e}");
+        }
+    }
+    cp.stop().await;
+    db.cleanup().await;
+}
+
 async fn silent_agent_is_marked_unavailable_after_the_heartbeat_timeout(backend: Backend) {
     init_logging();
     let db = TestDb::new(backend).await;

@@ -227,7 +227,9 @@ async fn audit_failed_replica(
         }),
     );
     if let Err(e) = fleet.store.append_audit(event).await {
-        tracing::error!(error = %steward_telemetry::chain(&e), node_id, "could not audit a failed replica");
+        tracing::error!(error = %steward_telemetry::chain(&e), node_id, "could not audit a failed replica; trying again");
+        // Forgotten, so the agent's next report of it is audited.
+        fleet.sessions.forget_failure(node_id, failed);
     }
 }
 

@@ -138,13 +138,25 @@ pub async fn serve(
     state: ApiState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_telling_closed(listener, state, shutdown, ()).await
+}
+
+/// [`serve`], dropping `closed` once the listener is closed (see
+/// [`steward_proto::http::serve_telling_closed`]).
+pub async fn serve_telling_closed(
+    listener: TcpListener,
+    state: ApiState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    closed: impl Send + 'static,
+) -> std::io::Result<()> {
     // With a deadline for every request head and TCP_NODELAY (streamed tokens are small
     // writes that Nagle would hold back).
-    steward_proto::http::serve(
+    steward_proto::http::serve_telling_closed(
         listener,
         router(state),
         steward_proto::http::HEAD_TIMEOUT,
         shutdown,
+        closed,
     )
     .await
 }
