@@ -343,7 +343,10 @@ mod tests {
         let other_reason = status("chat", ModelState::Failed, "over the memory limit");
         assert_eq!(newly(std::slice::from_ref(&other_reason)), [other_reason]);
         assert!(newly(&[pulling]).is_empty());
-        assert_eq!(newly(std::slice::from_ref(&refused)), [refused.clone()]);
+        assert_eq!(
+            newly(std::slice::from_ref(&refused)),
+            std::slice::from_ref(&refused)
+        );
         registry.forget_failure("n1", &refused);
         assert_eq!(
             newly(std::slice::from_ref(&refused)),
