@@ -352,7 +352,7 @@ impl Fleet {
     }
 
     /// Ends the session `epoch` of `node_id`; if it was the node's current one, stores the node
-    /// unavailable. If that write fails, the sweeper tries it again
+    /// unavailable. If that write fails, it is tried again every second
     /// ([`Fleet::store_unrecorded_nodes_unavailable`]): a node stored ready without a session
     /// would take replicas it never runs, and nothing else would correct it.
     pub async fn end_session(&self, node_id: &str, epoch: u64) {

@@ -257,6 +257,10 @@ impl ControlPlane {
             config.heartbeat_timeout,
             shutdown.clone(),
         )));
+        tasks.push(tokio::spawn(retry_unrecorded_nodes(
+            fleet.clone(),
+            shutdown.clone(),
+        )));
         tracing::info!(%grpc_addr, %http_addr, ca_sha256 = %ca.sha256_hex(), "control plane serving");
         Ok(Self {
             grpc_addr,
@@ -315,8 +319,19 @@ pub async fn run(
     Ok(())
 }
 
-/// Each tick: ends sessions silent for `timeout`, and stores unavailable the nodes whose
-/// session ended but whose write failed.
+/// Every second, stores unavailable the nodes whose session ended but whose write failed.
+/// Apart from [`sweep_silent_sessions`], which a slow database must not hold up.
+async fn retry_unrecorded_nodes(fleet: Arc<Fleet>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => fleet.store_unrecorded_nodes_unavailable().await,
+        }
+    }
+}
+
 async fn sweep_silent_sessions(fleet: Arc<Fleet>, timeout: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(1).min(timeout / 2));
     loop {
@@ -327,7 +342,6 @@ async fn sweep_silent_sessions(fleet: Arc<Fleet>, timeout: Duration, shutdown: C
                 if n > 0 {
                     tracing::warn!(sessions = n, timeout = ?timeout, "ended silent agent sessions");
                 }
-                fleet.store_unrecorded_nodes_unavailable().await;
             }
         }
     }

@@ -119,10 +119,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     // A limit of 0 bytes would be reported as "no limit" while refusing every model.
     let memory_limit = config.memory_limit_bytes.filter(|&bytes| bytes > 0);
     let probe = Arc::new(HostProbe::new(&config.data_dir).with_memory_limit(memory_limit));
+    // The API stops with the agent, also when the agent stops on an error below.
+    let api_shutdown = shutdown.child_token();
+    let _stop_api = api_shutdown.clone().drop_guard();
     let serving = match config.serving.clone() {
         Some(serving) => {
             let inventory = probe.inventory().await;
-            Some(Serving::start(serving, &config.data_dir, &inventory, shutdown.clone()).await?)
+            Some(Serving::start(serving, &config.data_dir, &inventory, api_shutdown).await?)
         }
         None => None,
     };

@@ -181,10 +181,10 @@ async fn node_goes_unavailable_when_its_agent_stops_and_returns_with_the_same_id
 }
 
 /// When storing a node unavailable fails as its session ends, the node would read as ready
-/// with no agent behind it, and take replicas it never runs. The sweeper stores it
+/// with no agent behind it, and take replicas it never runs. The control plane stores it
 /// unavailable later, unless its agent has reconnected meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_left_ready_without_a_session_is_stored_unavailable_by_the_sweeper() {
+async fn a_node_left_ready_without_a_session_is_stored_unavailable_later() {
     init_logging();
     let db = TestDb::new(Backend::Sqlite).await;
     let cp = TestControlPlane::start(&db).await;
@@ -253,6 +253,9 @@ async fn a_stopped_agent_has_released_its_api_port() {
         if let Err(e) = std::net::TcpListener::bind(api) {
             panic!("the stopped agent still holds its API port {api}: {e}");
         }
+        admin
+            .wait_for_state(&node_id, NodeState::Unavailable, Duration::from_secs(10))
+            .await;
     }
     cp.stop().await;
     db.cleanup().await;

@@ -241,7 +241,7 @@ fn unreadable(path: &std::path::Path, e: &std::io::Error) -> Status {
 
 /// Drives one agent session until the agent leaves, goes silent, or is replaced.
 async fn run_session(
-    fleet: &Fleet,
+    fleet: &Arc<Fleet>,
     deployments: &Deployments,
     node_id: &str,
     mut inbound: Streaming<AgentMessage>,
@@ -311,7 +311,7 @@ async fn run_session(
 }
 
 async fn session_loop(
-    fleet: &Fleet,
+    fleet: &Arc<Fleet>,
     deployments: &Deployments,
     node_id: &str,
     session: &SessionHandle,
@@ -346,8 +346,12 @@ async fn session_loop(
                 };
                 // A full queue means the agent is not reading; dropping an ack is harmless.
                 let _ = session.outbound.try_send(Ok(ack));
+                // Written beside the session, which goes on reading its agent meanwhile.
                 for failed in fleet.sessions.newly_failed(node_id, &hb.models) {
-                    audit_failed_replica(fleet, node_id, &failed).await;
+                    let (fleet, node_id) = (fleet.clone(), node_id.to_owned());
+                    tokio::spawn(async move {
+                        audit_failed_replica(&fleet, &node_id, &failed).await;
+                    });
                 }
                 session.set_models(hb.models);
                 fleet
