@@ -46,7 +46,7 @@ impl std::fmt::Display for Actor {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
-    #[error("enrollment refused: {0}")]
+    #[error("enrollment refused")]
     EnrollmentRefused(#[source] TokenRejection),
     #[error("malformed enrollment token")]
     MalformedToken(#[source] steward_proto::enrollment::TokenFormatError),

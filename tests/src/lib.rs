@@ -458,7 +458,20 @@ impl TestAgent {
         config.heartbeat_interval = Duration::from_millis(500);
         configure(&mut config);
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(steward_node_agent::agent::run(config, shutdown.clone()));
+        let run = steward_node_agent::agent::run(config, shutdown.clone());
+        let dir = data_dir.display().to_string();
+        // An agent that ends on an error is told at once: a test waiting for its node
+        // would otherwise only time out, with the reason nowhere.
+        let task = tokio::spawn(async move {
+            let result = run.await;
+            if let Err(e) = &result {
+                eprintln!(
+                    "the test agent in {dir} exited: {}",
+                    steward_telemetry::chain(e)
+                );
+            }
+            result
+        });
         Self {
             data_dir: data_dir.to_owned(),
             shutdown,
