@@ -586,7 +586,11 @@ async fn an_agent_with_a_refused_token_exits_with_the_reason() {
         text.contains("enrollment failed") && text.contains("already used"),
         "{text}"
     );
-    assert_eq!(text.matches("already used").count(), 1, "said twice: {text}");
+    assert_eq!(
+        text.matches("already used").count(),
+        1,
+        "said twice: {text}"
+    );
     assert!(FileIdentityStore::new(dir.path()).load().unwrap().is_none());
     cp.stop().await;
     db.cleanup().await;
