@@ -133,9 +133,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         Some(s) => s.clone(),
         None => Arc::new(NoModels),
     };
+    let cache_changed = Arc::new(tokio::sync::Notify::new());
     let assignments = match &serving {
         Some(serving) => {
             let cache = ArtifactCache::open(&config.data_dir, config.cache_budget_bytes)?
+                .with_change_notice(cache_changed.clone())
                 .with_rate_limit(config.pull_rate_limit)
                 .with_pull_windows(config.pull_windows);
             let runner = Assignments::new(
@@ -168,6 +170,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         reconciler,
         stats: Arc::new(SessionStats::default()),
         models,
+        cache_changed,
     };
     let mut session = SessionConfig::new(&config.control_plane);
     session.heartbeat_interval = config.heartbeat_interval;

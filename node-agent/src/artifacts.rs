@@ -59,6 +59,8 @@ pub struct ArtifactCache {
     rate_limit: Option<u64>,
     /// HTTP/2 receive windows of the channel a pull runs on.
     pull_windows: Windows,
+    /// Notified whenever a file enters or leaves the cache (the disk it takes changed).
+    changed: std::sync::Arc<tokio::sync::Notify>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
@@ -79,7 +81,15 @@ impl ArtifactCache {
             budget_bytes,
             rate_limit: None,
             pull_windows: Windows::default(),
+            changed: std::sync::Arc::default(),
         })
+    }
+
+    /// Notifies `changed` whenever a file enters or leaves the cache, so the agent can tell
+    /// the control plane its free disk at once.
+    pub fn with_change_notice(mut self, changed: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        self.changed = changed;
+        self
     }
 
     /// Caps pulls at `bytes_per_second` (none: as fast as the network allows).
@@ -213,6 +223,7 @@ impl ArtifactCache {
         if let Ok(dir) = std::fs::File::open(&self.dir) {
             let _ = dir.sync_all();
         }
+        self.changed.notify_one();
         tracing::info!(
             %digest,
             bytes = total,
@@ -282,7 +293,10 @@ impl ArtifactCache {
     pub fn remove(&self, digest: &str) {
         for path in [self.path_of(digest), self.partial_of(digest)] {
             match std::fs::remove_file(&path) {
-                Ok(()) => tracing::info!(path = %path.display(), "deleted artifact"),
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "deleted artifact");
+                    self.changed.notify_one();
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
                     tracing::warn!(path = %path.display(), error = %e, "cannot delete artifact")
@@ -341,7 +355,8 @@ impl ArtifactCache {
             let path = entry.path();
             match std::fs::remove_file(&path) {
                 Ok(()) => {
-                    tracing::info!(path = %path.display(), "deleted the partial pull of an unassigned artifact")
+                    tracing::info!(path = %path.display(), "deleted the partial pull of an unassigned artifact");
+                    self.changed.notify_one();
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {

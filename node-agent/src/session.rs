@@ -72,6 +72,10 @@ pub struct SessionParts {
     pub stats: Arc<SessionStats>,
     /// The models reported with every heartbeat.
     pub models: Arc<dyn crate::serving::ModelReporter>,
+    /// Notified when the artifact cache gained or lost a file: the inventory is then sent
+    /// at once, exactly. (Its periodic send rounds free disk to 1/64 of the disk, which
+    /// would hide an artifact's disk from placement for good.)
+    pub cache_changed: Arc<tokio::sync::Notify>,
 }
 
 /// Counters shared by one or many agents (the simulator shares one across all).
@@ -249,6 +253,13 @@ async fn session_loop(
                     last_rtt_micros: last_rtt.as_micros() as u64,
                     models: parts.models.model_statuses(),
                 })).await?;
+            }
+            () = parts.cache_changed.notified() => {
+                let current = parts.probe.inventory().await;
+                if current != last_inventory {
+                    send(agent_message::Body::Inventory(current.clone())).await?;
+                    last_inventory = current;
+                }
             }
             _ = inventory_tick.tick() => {
                 let current = parts.probe.inventory().await;

@@ -113,6 +113,7 @@ impl Simulation {
                 reconciler: Arc::new(reconciler),
                 stats: stats.clone(),
                 models: Arc::new(crate::serving::NoModels),
+                cache_changed: Arc::default(),
             };
             let mut session = SessionConfig::new(&config.endpoint);
             session.heartbeat_interval = config.heartbeat_interval;

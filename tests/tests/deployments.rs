@@ -516,6 +516,32 @@ async fn revoking_a_deployed_model_unloads_and_deletes_it_on_the_agent(backend: 
     w.stop(db).await;
 }
 
+/// An agent tells the control plane its free disk as soon as an artifact enters its cache.
+/// Its periodic inventory rounds free disk to 1/64 of the disk (at least 1 GiB), so
+/// placement would otherwise go on counting the artifact's disk as free once its pull ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reports_its_free_disk_as_soon_as_an_artifact_enters_its_cache() {
+    let db = TestDb::new(Backend::Sqlite).await;
+    let w = World::start(&db).await;
+    let disk_free = || async {
+        let node = w.admin.node(&w.node_id).await;
+        node.inventory.unwrap_or_default().disk_free_bytes
+    };
+    let before = disk_free().await;
+    w.create("chat", "tiny-chat@1", "*").await.unwrap();
+    w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while disk_free().await == before {
+        assert!(
+            Instant::now() < deadline,
+            "the control plane still has the free disk from before the pull ({before} bytes)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    w.stop(db).await;
+}
+
 /// An agent keeps its cache within its disk budget as it pulls: an artifact no deployment
 /// needs any more is evicted to make room for the next one before that is pulled, not only
 /// when a desired state arrives.
