@@ -59,7 +59,8 @@ pub struct ArtifactCache {
     rate_limit: Option<u64>,
     /// HTTP/2 receive windows of the channel a pull runs on.
     pull_windows: Windows,
-    /// Notified whenever a file enters or leaves the cache (the disk it takes changed).
+    /// Notified whenever the disk the cache takes changed: a pull's bytes all arrived, or a
+    /// file was deleted.
     changed: std::sync::Arc<tokio::sync::Notify>,
 }
 
@@ -85,8 +86,9 @@ impl ArtifactCache {
         })
     }
 
-    /// Notifies `changed` whenever a file enters or leaves the cache, so the agent can tell
-    /// the control plane its free disk at once.
+    /// Notifies `changed` whenever the disk the cache takes changed (a pull's bytes all
+    /// arrived, a file was deleted), so the agent can tell the control plane its free disk
+    /// at once.
     pub fn with_change_notice(mut self, changed: std::sync::Arc<tokio::sync::Notify>) -> Self {
         self.changed = changed;
         self
@@ -207,6 +209,9 @@ impl ArtifactCache {
                 got: got.to_string(),
             });
         }
+        // Every byte is on disk and the agent reports the artifact Verifying, which the
+        // control plane no longer counts as pending: it is told the free disk now.
+        self.changed.notify_one();
         file.sync_all().map_err(io(&partial))?;
         drop(file);
         let synced = started.elapsed();
@@ -223,7 +228,6 @@ impl ArtifactCache {
         if let Ok(dir) = std::fs::File::open(&self.dir) {
             let _ = dir.sync_all();
         }
-        self.changed.notify_one();
         tracing::info!(
             %digest,
             bytes = total,
