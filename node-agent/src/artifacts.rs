@@ -190,7 +190,7 @@ impl ArtifactCache {
         if let Some((error, throw_away)) = stopped {
             if throw_away {
                 drop(file);
-                discard(&partial);
+                self.delete(&partial, "partial artifact");
             }
             return Err(error);
         }
@@ -203,7 +203,7 @@ impl ArtifactCache {
         let got = hasher.finish();
         if got != digest {
             drop(file);
-            discard(&partial);
+            self.delete(&partial, "partial artifact");
             return Err(ArtifactError::DigestMismatch {
                 want: digest.to_string(),
                 got: got.to_string(),
@@ -220,7 +220,7 @@ impl ArtifactCache {
             None => None,
         };
         if let Err(reason) = verify(&partial, streamed, assignment, &digest, trust).await {
-            discard(&partial);
+            self.delete(&partial, "partial artifact");
             return Err(ArtifactError::Refused(reason));
         }
         let target = self.path_of(digest.as_str());
@@ -295,17 +295,19 @@ impl ArtifactCache {
 
     /// Deletes an artifact (revoked) and any partial copy of it.
     pub fn remove(&self, digest: &str) {
-        for path in [self.path_of(digest), self.partial_of(digest)] {
-            match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    tracing::info!(path = %path.display(), "deleted artifact");
-                    self.changed.notify_one();
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot delete artifact")
-                }
+        self.delete(&self.path_of(digest), "artifact");
+        self.delete(&self.partial_of(digest), "partial artifact");
+    }
+
+    /// Deletes `path` (a `what`) if it exists, and notifies that the cache's disk changed.
+    fn delete(&self, path: &Path, what: &str) {
+        match std::fs::remove_file(path) {
+            Ok(()) => {
+                tracing::info!(path = %path.display(), "deleted {what}");
+                self.changed.notify_one();
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot delete {what}"),
         }
     }
 
@@ -356,17 +358,7 @@ impl ArtifactCache {
             if keep.contains(&digest) {
                 continue;
             }
-            let path = entry.path();
-            match std::fs::remove_file(&path) {
-                Ok(()) => {
-                    tracing::info!(path = %path.display(), "deleted the partial pull of an unassigned artifact");
-                    self.changed.notify_one();
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "cannot delete a partial pull")
-                }
-            }
+            self.delete(&entry.path(), "partial pull of an unassigned artifact");
         }
     }
 }
@@ -375,14 +367,6 @@ fn interrupted(at: u64, status: &tonic::Status) -> ArtifactError {
     ArtifactError::Interrupted {
         at,
         reason: format!("{}: {}", status.code(), status.message()),
-    }
-}
-
-fn discard(path: &Path) {
-    if let Err(e) = std::fs::remove_file(path)
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(path = %path.display(), error = %e, "cannot delete a partial artifact");
     }
 }
 
