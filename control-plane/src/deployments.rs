@@ -522,6 +522,28 @@ impl Deployments {
         error
     }
 
+    /// The size of every artifact a node is assigned: from the deployments' demands, else
+    /// (a model a rollout keeps on some nodes) from the registry.
+    async fn assigned_sizes(
+        &self,
+        nodes: &[NodeRecord],
+        demands: &[Demand],
+    ) -> Result<BTreeMap<String, u64>, DeployError> {
+        let mut sizes: BTreeMap<String, u64> = demands
+            .iter()
+            .map(|d| (d.digest.clone(), d.size_bytes))
+            .collect();
+        for model in nodes.iter().flat_map(|n| &n.desired_models) {
+            if sizes.contains_key(&model.digest) {
+                continue;
+            }
+            if let Some(artifact) = self.fleet.store.find_artifact(&model.digest).await? {
+                sizes.insert(model.digest.clone(), artifact.size_bytes);
+            }
+        }
+        Ok(sizes)
+    }
+
     /// Moves progressing rollouts on (storing each step with its audit events first),
     /// re-runs placement over every node and deployment, stores each node's assigned
     /// models (bumping its desired generation where they changed) and pushes the new
@@ -549,9 +571,10 @@ impl Deployments {
             }
         }
         self.audit_new_refusals(&refused).await;
+        let sizes = self.assigned_sizes(&nodes, &demands).await?;
         let views: Vec<NodeView> = nodes
             .iter()
-            .map(|node| node_view(node, &self.fleet.sessions.models(&node.id)))
+            .map(|node| node_view(node, &sizes, &self.fleet.sessions.models(&node.id)))
             .collect();
         let mut placement = place(&views, &demands, self.strategy);
         for (name, reason) in refused {
@@ -976,18 +999,43 @@ pub fn memory_needed(artifact: &ArtifactRecord, slots: u32, context_per_slot: u3
     }
 }
 
-/// Bytes the assigned artifacts still need on a node while its agent pulls them, by what it
-/// reports: the rest of one it is pulling; nothing for one it has in full (verifying,
-/// loading or ready under any deployment), nor for one it has not reported pulling (the
-/// placement that assigned it counted it in full; a cached one is already off the free
-/// disk its inventory reports). An artifact two deployments share counts once; a failed
-/// model (refused for memory, say) says nothing about the pull of its artifact for another.
-fn disk_pending(assigned: &[steward_db::AssignedModel], reported: &[ModelStatus]) -> u64 {
+/// Bytes the assigned artifacts still need on a node, beyond the free disk its inventory
+/// reports. An artifact two deployments share counts once.
+///
+/// An agent that lists its artifact cache in the inventory (read just before the free disk)
+/// is judged by that listing: all of an assigned artifact it does not list, the rest of one
+/// it lists partial, nothing of one it lists complete. `sizes` gives each artifact's size;
+/// one of unknown size counts nothing.
+///
+/// An agent that does not list its cache is judged by the model states it reports: the rest
+/// of one it is pulling; nothing for one it has in full (verifying, loading or ready under
+/// any deployment), nor for one it has not reported pulling (the placement that assigned it
+/// counted it in full; a cached one is already off the free disk its inventory reports). A
+/// failed model (refused for memory, say) says nothing about the pull of its artifact for
+/// another.
+fn disk_pending(
+    assigned: &[steward_db::AssignedModel],
+    inventory: &Inventory,
+    sizes: &BTreeMap<String, u64>,
+    reported: &[ModelStatus],
+) -> u64 {
     let digests: std::collections::BTreeSet<&str> =
         assigned.iter().map(|a| a.digest.as_str()).collect();
     digests
         .into_iter()
         .map(|digest| {
+            if inventory.artifacts_listed {
+                let size = sizes.get(digest).copied().unwrap_or(0);
+                let listed = inventory.artifacts.iter().filter(|a| a.digest == digest);
+                let mut on_disk = 0;
+                for artifact in listed {
+                    if artifact.complete {
+                        return 0;
+                    }
+                    on_disk = artifact.bytes;
+                }
+                return size.saturating_sub(on_disk);
+            }
             let mut pulling: Option<u64> = None;
             for status in reported.iter().filter(|s| s.digest == digest) {
                 match status.state() {
@@ -1005,7 +1053,11 @@ fn disk_pending(assigned: &[steward_db::AssignedModel], reported: &[ModelStatus]
 }
 
 /// A node as placement sees it, with `reported`: the model states its agent last reported.
-fn node_view(node: &NodeRecord, reported: &[ModelStatus]) -> NodeView {
+fn node_view(
+    node: &NodeRecord,
+    sizes: &BTreeMap<String, u64>,
+    reported: &[ModelStatus],
+) -> NodeView {
     let inventory: Inventory = serde_json::from_str(&node.inventory_json).unwrap_or_default();
     NodeView {
         id: node.id.clone(),
@@ -1023,7 +1075,7 @@ fn node_view(node: &NodeRecord, reported: &[ModelStatus]) -> NodeView {
             .unwrap_or(0),
         memory_limit_bytes: inventory.model_memory_limit_bytes,
         disk_free_bytes: inventory.disk_free_bytes,
-        disk_pending_bytes: disk_pending(&node.desired_models, reported),
+        disk_pending_bytes: disk_pending(&node.desired_models, &inventory, sizes, reported),
         assigned: node.desired_models.clone(),
     }
 }
@@ -1137,7 +1189,63 @@ mod tests {
             reported("e", ModelState::Failed, 0, 0),
         ];
         // The rest of a (once) and of b; nothing of c (in full), d or e.
-        assert_eq!(disk_pending(&models, &statuses), 80 + 40);
-        assert_eq!(disk_pending(&models, &[]), 0, "nothing reported yet");
+        let unlisted = Inventory::default();
+        let sizes = BTreeMap::from([("d".to_owned(), 70)]);
+        assert_eq!(disk_pending(&models, &unlisted, &sizes, &statuses), 80 + 40);
+        assert_eq!(
+            disk_pending(&models, &unlisted, &sizes, &[]),
+            0,
+            "nothing reported yet"
+        );
+    }
+
+    fn cached(
+        digest: &str,
+        bytes: u64,
+        complete: bool,
+    ) -> steward_proto::agent::v1::CachedArtifact {
+        steward_proto::agent::v1::CachedArtifact {
+            digest: digest.into(),
+            bytes,
+            complete,
+        }
+    }
+
+    /// An agent that lists its cache is judged by the listing, read with its free disk: an
+    /// artifact assigned but not yet reported (the pull has not begun) takes all its disk,
+    /// a partial one the rest as of that listing, whatever the model states say since.
+    #[test]
+    fn disk_is_pending_for_what_the_cache_listing_still_lacks() {
+        let models = [
+            assigned("not-begun", "a"),
+            assigned("shares-a", "a"),
+            assigned("half-pulled", "b"),
+            assigned("cached", "c"),
+            assigned("cached-and-a-stale-partial", "d"),
+            assigned("size-unknown", "e"),
+        ];
+        let inventory = Inventory {
+            artifacts: vec![
+                cached("b", 30, false),
+                cached("c", 50, true),
+                cached("d", 5, false),
+                cached("d", 60, true),
+                cached("unassigned", 10, false),
+            ],
+            artifacts_listed: true,
+            ..Inventory::default()
+        };
+        let sizes = BTreeMap::from([
+            ("a".to_owned(), 100),
+            ("b".to_owned(), 80),
+            ("c".to_owned(), 50),
+            ("d".to_owned(), 60),
+        ]);
+        // Reports say b has 70 bytes by now, and nothing of a: the listing decides.
+        let statuses = [reported("b", ModelState::Pulling, 70, 80)];
+        assert_eq!(
+            disk_pending(&models, &inventory, &sizes, &statuses),
+            100 + 50
+        );
     }
 }

@@ -18,8 +18,8 @@
 //!   deployment's digest.
 //! - New replicas go only to nodes that are ready, not cordoned, not draining, and have the
 //!   memory (GGUF load estimate plus KV cache for slots × context) and the disk for the model,
-//!   counting what this placement already put there and what the node's agent is still
-//!   pulling (its reported free disk does not count those bytes yet).
+//!   counting what this placement already put there and the assigned artifacts whose bytes
+//!   have yet to reach the node (its reported free disk does not count those bytes yet).
 //! - Among those, `Spread` prefers the node with the fewest models, `Pack` the most; ties go
 //!   by node name.
 //! - Every replica that cannot be placed gets the reason of each node that was passed over.
@@ -70,8 +70,8 @@ pub struct NodeView {
     /// limit beyond the node's own memory.
     pub memory_limit_bytes: u64,
     pub disk_free_bytes: u64,
-    /// Of the free disk, what the artifacts its agent is pulling still take (the free disk
-    /// it reports does not count those bytes yet).
+    /// Of the free disk, what the artifacts assigned to the node still take as they arrive
+    /// (the free disk it reports does not count those bytes yet).
     pub disk_pending_bytes: u64,
     /// What the node was assigned before this placement.
     pub assigned: Vec<AssignedModel>,

@@ -17,7 +17,9 @@ use steward_artifact::gguf::{GgufError, GgufFacts, Limits, inspect_file};
 use steward_artifact::policy::{Policy, ScopedAnchor};
 use steward_artifact::signing::TrustAnchor;
 use steward_proto::agent::v1::agent_service_client::AgentServiceClient;
-use steward_proto::agent::v1::{AgentTrustPolicy, FetchArtifactRequest, ModelAssignment};
+use steward_proto::agent::v1::{
+    AgentTrustPolicy, CachedArtifact, FetchArtifactRequest, ModelAssignment,
+};
 use steward_proto::transport::Windows;
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +66,52 @@ pub struct ArtifactCache {
     changed: std::sync::Arc<tokio::sync::Notify>,
 }
 
+/// Where the artifact cache of the agent with `data_dir` keeps verified artifacts
+/// (`<digest>.gguf`), and, in [`PARTIAL`] below it, the partial files of pulls (`<digest>`).
+fn cache_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("artifacts")
+}
+
+const PARTIAL: &str = "partial";
+
+/// What the artifact cache under `data_dir` holds now, for the inventory: each verified
+/// artifact and each pull's partial file, with its bytes on disk. Files not named for a
+/// digest are left out; a cache not created yet holds nothing.
+pub fn listing(data_dir: &Path) -> Vec<CachedArtifact> {
+    let dir = cache_dir(data_dir);
+    let mut listed = Vec::new();
+    for (dir, complete) in [(dir.join(PARTIAL), false), (dir, true)] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let digest = if complete {
+                name.strip_suffix(".gguf")
+            } else {
+                Some(name.as_str())
+            };
+            let Some(digest) = digest.and_then(Sha256Hex::parse) else {
+                continue;
+            };
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
+            if meta.is_file() {
+                listed.push(CachedArtifact {
+                    digest: digest.to_string(),
+                    bytes: meta.len(),
+                    complete,
+                });
+            }
+        }
+    }
+    listed.sort_by(|a, b| (&a.digest, a.complete).cmp(&(&b.digest, b.complete)));
+    listed
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
     move |source| ArtifactError::Io {
         path: path.to_owned(),
@@ -73,8 +121,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
 
 impl ArtifactCache {
     pub fn open(data_dir: &Path, budget_bytes: u64) -> Result<Self, ArtifactError> {
-        let dir = data_dir.join("artifacts");
-        let partial = dir.join("partial");
+        let dir = cache_dir(data_dir);
+        let partial = dir.join(PARTIAL);
         std::fs::create_dir_all(&partial).map_err(io(&partial))?;
         Ok(Self {
             dir,
@@ -597,6 +645,29 @@ mod tests {
         }
         writer.finish().unwrap();
         assert!(std::fs::read(&path).unwrap() == source, "bytes differ");
+    }
+
+    #[test]
+    fn the_listing_gives_each_cached_and_partial_artifact_with_its_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(listing(dir.path()).is_empty(), "no cache yet: nothing");
+        let cache = ArtifactCache::open(dir.path(), 1 << 30).unwrap();
+        let (a, b) = ("a".repeat(64), "b".repeat(64));
+        touch(&cache, &a, 100, 0);
+        std::fs::write(cache.partial_of(&b), [0u8; 40]).unwrap();
+        std::fs::write(cache.partial_of(&a), [0u8; 7]).unwrap();
+        // Not named for a digest: not an artifact.
+        std::fs::write(cache.dir.join("notes.txt"), b"x").unwrap();
+        std::fs::write(cache.partial_of("not-a-digest"), b"x").unwrap();
+        let listed = listing(dir.path());
+        let want = [(&a, 7, false), (&a, 100, true), (&b, 40, false)];
+        assert_eq!(listed.len(), want.len(), "{listed:?}");
+        for (got, (digest, bytes, complete)) in listed.iter().zip(want) {
+            assert_eq!(
+                (&got.digest, got.bytes, got.complete),
+                (digest, bytes, complete)
+            );
+        }
     }
 
     #[test]

@@ -519,14 +519,20 @@ async fn revoking_a_deployed_model_unloads_and_deletes_it_on_the_agent(backend: 
 /// An agent tells the control plane its free disk as soon as an artifact enters its cache.
 /// Its periodic inventory rounds free disk to 1/64 of the disk (at least 1 GiB), so
 /// placement would otherwise go on counting the artifact's disk as free once its pull ends.
+/// With the free disk comes the cache's listing, read at the same moment, which then holds
+/// every byte of the artifact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_reports_its_free_disk_as_soon_as_an_artifact_enters_its_cache() {
     let db = TestDb::new(Backend::Sqlite).await;
     let w = World::start(&db).await;
-    let disk_free = || async {
+    let inventory = || async {
         let node = w.admin.node(&w.node_id).await;
-        node.inventory.unwrap_or_default().disk_free_bytes
+        node.inventory.unwrap_or_default()
     };
+    let disk_free = || async { inventory().await.disk_free_bytes };
+    let listed = inventory().await;
+    assert!(listed.artifacts_listed, "the agent lists its cache");
+    assert!(listed.artifacts.is_empty(), "{:?}", listed.artifacts);
     let before = disk_free().await;
     w.create("chat", "tiny-chat@1", "*").await.unwrap();
     w.wait_replica("chat", ModelState::Ready, Duration::from_secs(60))
@@ -539,6 +545,12 @@ async fn an_agent_reports_its_free_disk_as_soon_as_an_artifact_enters_its_cache(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let artifacts = inventory().await.artifacts;
+    let pulled = artifacts
+        .iter()
+        .find(|a| a.digest == w.model.digest)
+        .unwrap_or_else(|| panic!("the pulled artifact is not listed: {artifacts:?}"));
+    assert_eq!(pulled.bytes, w.model.size_bytes, "{pulled:?}");
     w.stop(db).await;
 }
 

@@ -141,6 +141,25 @@ pub fn nodes_table(nodes: &[Node], now: i64) -> String {
     t.to_string()
 }
 
+/// "2 artifacts, 1.50 GiB; 1 pull under way (300 MiB so far)".
+fn artifact_cache(artifacts: &[steward_proto::agent::v1::CachedArtifact]) -> String {
+    let (complete, partial): (Vec<_>, Vec<_>) = artifacts.iter().partition(|a| a.complete);
+    let sum = |list: &[&steward_proto::agent::v1::CachedArtifact]| {
+        bytes(list.iter().map(|a| a.bytes).sum())
+    };
+    let mut text = match complete.len() {
+        0 => "empty".to_owned(),
+        1 => format!("1 artifact, {}", sum(&complete)),
+        n => format!("{n} artifacts, {}", sum(&complete)),
+    };
+    match partial.len() {
+        0 => {}
+        1 => text.push_str(&format!("; 1 pull under way ({} so far)", sum(&partial))),
+        n => text.push_str(&format!("; {n} pulls under way ({} so far)", sum(&partial))),
+    }
+    text
+}
+
 pub fn node_detail(node: &Node, now: i64) -> String {
     let inv = node.inventory.clone().unwrap_or_default();
     let cpu = inv.cpu.clone().unwrap_or_default();
@@ -226,6 +245,9 @@ pub fn node_detail(node: &Node, now: i64) -> String {
             bytes(inv.disk_total_bytes)
         ),
     );
+    if inv.artifacts_listed {
+        line("Artifact cache:", artifact_cache(&inv.artifacts));
+    }
     line(
         "Accelerator:",
         if inv.accelerator == "cpu" {
@@ -781,6 +803,33 @@ mod tests {
         n.inventory.as_mut().unwrap().accelerator = "cpu".into();
         let out = node_detail(&n, 1000);
         assert!(out.contains("cpu (no GPU detected)"), "{out}");
+    }
+
+    #[test]
+    fn a_node_shows_its_artifact_cache_once_its_agent_lists_it() {
+        use steward_proto::agent::v1::CachedArtifact;
+        let mut n = node(true);
+        assert!(!node_detail(&n, 1000).contains("Artifact cache"));
+        let inventory = n.inventory.as_mut().unwrap();
+        inventory.artifacts_listed = true;
+        assert!(node_detail(&n, 1000).contains("Artifact cache:       empty"));
+        let artifact = |bytes: u64, complete| CachedArtifact {
+            digest: "ab".repeat(32),
+            bytes,
+            complete,
+        };
+        n.inventory.as_mut().unwrap().artifacts = vec![
+            artifact(1 << 30, true),
+            artifact(1 << 29, true),
+            artifact(300 << 20, false),
+        ];
+        let out = node_detail(&n, 1000);
+        assert!(
+            out.contains(
+                "Artifact cache:       2 artifacts, 1.50 GiB; 1 pull under way (300 MiB so far)"
+            ),
+            "{out}"
+        );
     }
 
     #[test]

@@ -129,6 +129,9 @@ impl HostConfig {
                 ))
             })
             .ok();
+        // Listed before the free disk is read: bytes a pull writes in between then count
+        // as still to come, never as free.
+        let artifacts = crate::artifacts::listing(&self.data_dir);
         let (disk_total_bytes, disk_free_bytes) = disk_usage(&self.data_dir)
             .map_err(|e| notes.push(format!("disk: {e}")))
             .unwrap_or((0, 0));
@@ -153,6 +156,8 @@ impl HostConfig {
             probe_notes: notes,
             // The operator's setting, not a reading: `HostProbe::inventory` adds it.
             model_memory_limit_bytes: 0,
+            artifacts,
+            artifacts_listed: true,
         }
     }
 }

@@ -132,6 +132,9 @@ fn synthesize(seed: u64) -> Inventory {
         gpus,
         probe_notes: Vec::new(),
         model_memory_limit_bytes: 0,
+        // A simulated agent keeps no artifact cache to list.
+        artifacts: Vec::new(),
+        artifacts_listed: false,
     }
 }
 
