@@ -522,23 +522,28 @@ impl Deployments {
         error
     }
 
-    /// The size of every artifact a node is assigned: from the deployments' demands, else
-    /// (a model a rollout keeps on some nodes) from the registry.
+    /// The size of every artifact a deployment still runs: its digest, and the digests its
+    /// rollout keeps on some nodes (looked up in the registry). An artifact no deployment
+    /// runs any more is about to leave its nodes, so it has no size to count.
     async fn assigned_sizes(
         &self,
-        nodes: &[NodeRecord],
         demands: &[Demand],
     ) -> Result<BTreeMap<String, u64>, DeployError> {
         let mut sizes: BTreeMap<String, u64> = demands
             .iter()
             .map(|d| (d.digest.clone(), d.size_bytes))
             .collect();
-        for model in nodes.iter().flat_map(|n| &n.desired_models) {
-            if sizes.contains_key(&model.digest) {
+        let kept: std::collections::BTreeSet<&str> = demands
+            .iter()
+            .flat_map(|d| d.pinned.values())
+            .map(|k| k.revision.digest.as_str())
+            .collect();
+        for digest in kept {
+            if sizes.contains_key(digest) {
                 continue;
             }
-            if let Some(artifact) = self.fleet.store.find_artifact(&model.digest).await? {
-                sizes.insert(model.digest.clone(), artifact.size_bytes);
+            if let Some(artifact) = self.fleet.store.find_artifact(digest).await? {
+                sizes.insert(digest.to_owned(), artifact.size_bytes);
             }
         }
         Ok(sizes)
@@ -571,7 +576,7 @@ impl Deployments {
             }
         }
         self.audit_new_refusals(&refused).await;
-        let sizes = self.assigned_sizes(&nodes, &demands).await?;
+        let sizes = self.assigned_sizes(&demands).await?;
         let views: Vec<NodeView> = nodes
             .iter()
             .map(|node| node_view(node, &sizes, &self.fleet.sessions.models(&node.id)))
@@ -1003,9 +1008,11 @@ pub fn memory_needed(artifact: &ArtifactRecord, slots: u32, context_per_slot: u3
 /// reports. An artifact two deployments share counts once.
 ///
 /// An agent that lists its artifact cache in the inventory (read just before the free disk)
-/// is judged by that listing: all of an assigned artifact it does not list, the rest of one
-/// it lists partial, nothing of one it lists complete. `sizes` gives each artifact's size;
-/// one of unknown size counts nothing.
+/// is judged by that listing: the rest of an artifact it lists partial, nothing of one it
+/// lists complete, and all of one it does not list, unless every model it reports on that
+/// artifact failed (refused for memory, or refused at verification, which deletes the
+/// partial): that one is not coming. A model reported is matched to its deployment by name. `sizes` gives the size of each artifact a deployment
+/// still runs; any other counts nothing.
 ///
 /// An agent that does not list its cache is judged by the model states it reports: the rest
 /// of one it is pulling; nothing for one it has in full (verifying, loading or ready under
@@ -1026,15 +1033,28 @@ fn disk_pending(
         .map(|digest| {
             if inventory.artifacts_listed {
                 let size = sizes.get(digest).copied().unwrap_or(0);
-                let listed = inventory.artifacts.iter().filter(|a| a.digest == digest);
-                let mut on_disk = 0;
-                for artifact in listed {
+                let mut partial = None;
+                for artifact in inventory.artifacts.iter().filter(|a| a.digest == digest) {
                     if artifact.complete {
                         return 0;
                     }
-                    on_disk = artifact.bytes;
+                    partial = Some(artifact.bytes);
                 }
-                return size.saturating_sub(on_disk);
+                if let Some(on_disk) = partial {
+                    return size.saturating_sub(on_disk);
+                }
+                let failed = |deployment: &str| {
+                    reported.iter().any(|s| {
+                        s.name == deployment
+                            && s.digest == digest
+                            && s.state() == ModelState::Failed
+                    })
+                };
+                let given_up = assigned
+                    .iter()
+                    .filter(|a| a.digest == digest)
+                    .all(|a| failed(&a.deployment));
+                return if given_up { 0 } else { size };
             }
             let mut pulling: Option<u64> = None;
             for status in reported.iter().filter(|s| s.digest == digest) {
@@ -1247,5 +1267,18 @@ mod tests {
             disk_pending(&models, &inventory, &sizes, &statuses),
             100 + 50
         );
+        // An artifact whose every model failed (refused for memory, never pulled) is not
+        // coming; one that failed for one deployment may still come for the other.
+        let failed = |deployment: &str| ModelStatus {
+            name: deployment.into(),
+            ..reported("a", ModelState::Failed, 0, 0)
+        };
+        let both = [failed("not-begun"), failed("shares-a")];
+        assert_eq!(disk_pending(&models, &inventory, &sizes, &both), 50);
+        let one = [failed("not-begun")];
+        assert_eq!(disk_pending(&models, &inventory, &sizes, &one), 100 + 50);
+        // An artifact no deployment runs any more (no size) is about to go: nothing.
+        let sizes = BTreeMap::from([("b".to_owned(), 80)]);
+        assert_eq!(disk_pending(&models, &inventory, &sizes, &[]), 50);
     }
 }

@@ -75,16 +75,21 @@ fn cache_dir(data_dir: &Path) -> PathBuf {
 const PARTIAL: &str = "partial";
 
 /// What the artifact cache under `data_dir` holds now, for the inventory: each verified
-/// artifact and each pull's partial file, with its bytes on disk. Files not named for a
-/// digest are left out; a cache not created yet holds nothing.
-pub fn listing(data_dir: &Path) -> Vec<CachedArtifact> {
+/// artifact and each pull's partial file, with its bytes on disk; files not named for a
+/// digest are left out. `Ok(None)` where there is no cache (an agent that does not serve
+/// models); an error where it cannot be read.
+pub fn listing(data_dir: &Path) -> std::io::Result<Option<Vec<CachedArtifact>>> {
     let dir = cache_dir(data_dir);
+    if !dir.join(PARTIAL).is_dir() {
+        return Ok(None);
+    }
     let mut listed = Vec::new();
     for (dir, complete) in [(dir.join(PARTIAL), false), (dir, true)] {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
+        let unreadable = |e: std::io::Error| {
+            std::io::Error::new(e.kind(), format!("cannot list {}: {e}", dir.display()))
         };
-        for entry in entries.filter_map(Result::ok) {
+        for entry in std::fs::read_dir(&dir).map_err(unreadable)? {
+            let entry = entry.map_err(unreadable)?;
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
@@ -96,6 +101,8 @@ pub fn listing(data_dir: &Path) -> Vec<CachedArtifact> {
             let Some(digest) = digest.and_then(Sha256Hex::parse) else {
                 continue;
             };
+            // Gone since the directory was read: renamed into the cache (listed there
+            // next) or deleted.
             let Ok(meta) = entry.metadata() else {
                 continue;
             };
@@ -109,7 +116,7 @@ pub fn listing(data_dir: &Path) -> Vec<CachedArtifact> {
         }
     }
     listed.sort_by(|a, b| (&a.digest, a.complete).cmp(&(&b.digest, b.complete)));
-    listed
+    Ok(Some(listed))
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
@@ -650,8 +657,12 @@ mod tests {
     #[test]
     fn the_listing_gives_each_cached_and_partial_artifact_with_its_bytes() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(listing(dir.path()).is_empty(), "no cache yet: nothing");
+        assert!(
+            listing(dir.path()).unwrap().is_none(),
+            "no cache: no listing"
+        );
         let cache = ArtifactCache::open(dir.path(), 1 << 30).unwrap();
+        assert_eq!(listing(dir.path()).unwrap(), Some(Vec::new()));
         let (a, b) = ("a".repeat(64), "b".repeat(64));
         touch(&cache, &a, 100, 0);
         std::fs::write(cache.partial_of(&b), [0u8; 40]).unwrap();
@@ -659,7 +670,7 @@ mod tests {
         // Not named for a digest: not an artifact.
         std::fs::write(cache.dir.join("notes.txt"), b"x").unwrap();
         std::fs::write(cache.partial_of("not-a-digest"), b"x").unwrap();
-        let listed = listing(dir.path());
+        let listed = listing(dir.path()).unwrap().unwrap();
         let want = [(&a, 7, false), (&a, 100, true), (&b, 40, false)];
         assert_eq!(listed.len(), want.len(), "{listed:?}");
         for (got, (digest, bytes, complete)) in listed.iter().zip(want) {

@@ -131,7 +131,10 @@ impl HostConfig {
             .ok();
         // Listed before the free disk is read: bytes a pull writes in between then count
         // as still to come, never as free.
-        let artifacts = crate::artifacts::listing(&self.data_dir);
+        let artifacts = crate::artifacts::listing(&self.data_dir)
+            .map_err(|e| notes.push(format!("artifact cache: {e}")))
+            .ok()
+            .flatten();
         let (disk_total_bytes, disk_free_bytes) = disk_usage(&self.data_dir)
             .map_err(|e| notes.push(format!("disk: {e}")))
             .unwrap_or((0, 0));
@@ -156,8 +159,8 @@ impl HostConfig {
             probe_notes: notes,
             // The operator's setting, not a reading: `HostProbe::inventory` adds it.
             model_memory_limit_bytes: 0,
-            artifacts,
-            artifacts_listed: true,
+            artifacts_listed: artifacts.is_some(),
+            artifacts: artifacts.unwrap_or_default(),
         }
     }
 }
@@ -216,8 +219,10 @@ const GIB: u64 = 1 << 30;
 ///
 /// Readings are rounded to the nearest step: available memory to 1/32 of the total (at least
 /// 1 GiB), free disk to 1/64 of the total (at least 1 GiB), GPU memory used to 1/64 of the GPU's
-/// memory (at least 256 MiB), utilization to 25 %, temperature to 10 °C, power to 50 W.
-/// Everything else (hardware, totals, GPUs appearing or going, notes) is kept as is. A reading
+/// memory (at least 256 MiB), utilization to 25 %, temperature to 10 °C, power to 50 W. The
+/// bytes of a pull's partial file count not at all: they grow as free disk shrinks, whose
+/// steps already tell. Everything else (hardware, totals, GPUs or cached artifacts appearing
+/// or going, notes) is kept as is. A reading
 /// that hovers at a step boundary can still flip between two values; callers that care should
 /// also limit how often they send.
 pub fn significant(inv: &Inventory) -> Inventory {
@@ -235,6 +240,11 @@ pub fn significant(inv: &Inventory) -> Inventory {
         gpu.utilization_percent = gpu.utilization_percent.map(|u| round_u32(u, 25));
         gpu.temperature_celsius = gpu.temperature_celsius.map(|t| round_u32(t, 10));
         gpu.power_milliwatts = gpu.power_milliwatts.map(|p| round_u32(p, 50_000));
+    }
+    for artifact in &mut out.artifacts {
+        if !artifact.complete {
+            artifact.bytes = 0;
+        }
     }
     out
 }
@@ -514,6 +524,24 @@ mod tests {
         let mut lost = base.clone();
         lost.gpus[0].temperature_celsius = None;
         assert_ne!(significant(&base), significant(&lost));
+
+        // A pull's partial file growing is not (free disk tells); an artifact appearing
+        // in the cache, or a pull completing, is.
+        let partial = |bytes| steward_proto::agent::v1::CachedArtifact {
+            digest: "ab".repeat(32),
+            bytes,
+            complete: false,
+        };
+        let mut pulling = base.clone();
+        pulling.artifacts_listed = true;
+        pulling.artifacts = vec![partial(1 << 20)];
+        let mut further = pulling.clone();
+        further.artifacts = vec![partial(2 << 20)];
+        assert_eq!(significant(&pulling), significant(&further));
+        assert_ne!(significant(&base), significant(&pulling));
+        let mut done = pulling.clone();
+        done.artifacts[0].complete = true;
+        assert_ne!(significant(&pulling), significant(&done));
     }
 
     #[tokio::test]
