@@ -1097,6 +1097,14 @@ fn node_view(
         disk_free_bytes: inventory.disk_free_bytes,
         disk_pending_bytes: disk_pending(&node.desired_models, &inventory, sizes, reported),
         assigned: node.desired_models.clone(),
+        on_disk: inventory
+            .artifacts
+            .iter()
+            .fold(BTreeMap::new(), |mut on_disk, artifact| {
+                let bytes = on_disk.entry(artifact.digest.clone()).or_default();
+                *bytes = artifact.bytes.max(*bytes);
+                on_disk
+            }),
     }
 }
 

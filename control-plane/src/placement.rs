@@ -19,7 +19,8 @@
 //! - New replicas go only to nodes that are ready, not cordoned, not draining, and have the
 //!   memory (GGUF load estimate plus KV cache for slots × context) and the disk for the model,
 //!   counting what this placement already put there and the assigned artifacts whose bytes
-//!   have yet to reach the node (its reported free disk does not count those bytes yet).
+//!   have yet to reach the node (its reported free disk does not count those bytes yet). A
+//!   model whose artifact the node's cache holds, in full or in part, needs only the rest.
 //! - Among those, `Spread` prefers the node with the fewest models, `Pack` the most; ties go
 //!   by node name.
 //! - Every replica that cannot be placed gets the reason of each node that was passed over.
@@ -75,6 +76,9 @@ pub struct NodeView {
     pub disk_pending_bytes: u64,
     /// What the node was assigned before this placement.
     pub assigned: Vec<AssignedModel>,
+    /// Digest → bytes of it the node's agent has on disk (cached in full, or a pull's
+    /// partial file), as its inventory lists them: a new replica needs only the rest.
+    pub on_disk: BTreeMap<String, u64>,
 }
 
 /// What a replica pinned during a rollout keeps, and what that costs its node.
@@ -351,10 +355,11 @@ fn refusal(
         .disk_free_bytes
         .saturating_sub(node.disk_pending_bytes)
         .saturating_sub(used_disk.bytes(&node.id));
-    if !used_disk.holds(node, &demand.digest) && demand.size_bytes > disk {
+    let needed = used_disk.needs(node, &demand.digest, demand.size_bytes);
+    if needed > disk {
         return Some(format!(
             "not enough disk: the artifact needs {}, {} is free",
-            size(demand.size_bytes),
+            size(needed),
             size(disk)
         ));
     }
@@ -380,15 +385,26 @@ impl DiskUse {
         node.assigned.iter().any(|a| a.digest == digest)
             || self.counted.contains(&(node.id.clone(), digest.to_owned()))
     }
+
+    /// The disk a replica running `digest` (of `size_bytes`) would take on `node` beyond
+    /// what is counted already: none where the node holds it, else what its cache lacks.
+    fn needs(&self, node: &NodeView, digest: &str, size_bytes: u64) -> u64 {
+        if self.holds(node, digest) {
+            return 0;
+        }
+        size_bytes.saturating_sub(node.on_disk.get(digest).copied().unwrap_or(0))
+    }
 }
 
-/// Counts the disk a replica running `digest` on `node` takes, unless the node holds it.
+/// Counts the disk a replica running `digest` on `node` takes, unless the node holds it:
+/// what its cache lacks of the artifact.
 fn count_disk(node: &NodeView, digest: &str, size_bytes: u64, disk: &mut DiskUse) {
     if disk.holds(node, digest) {
         return;
     }
+    let needed = disk.needs(node, digest, size_bytes);
     disk.counted.insert((node.id.clone(), digest.to_owned()));
-    *disk.bytes.entry(node.id.clone()).or_default() += size_bytes;
+    *disk.bytes.entry(node.id.clone()).or_default() += needed;
 }
 
 /// Memory models may have on `node`: its RAM or its largest GPU's memory, whichever is
@@ -685,6 +701,30 @@ mod tests {
             p.unschedulable["m"].reasons[0].contains("not enough disk"),
             "{p:#?}"
         );
+    }
+
+    #[test]
+    fn an_artifact_a_node_has_cached_needs_only_the_disk_its_cache_lacks() {
+        // 0.5 GiB free: too little for a 1 GiB artifact, unless the node has it already
+        // (kept in its cache after an earlier deployment), or enough of it from a pull.
+        let mut a = node("a", 64);
+        a.disk_free_bytes = GIB / 2;
+        let refused = place(&[a.clone()], &[demand("m", "*", 1, 1)], Strategy::Spread);
+        assert!(refused.placed["m"].is_empty(), "{refused:#?}");
+        a.on_disk.insert("digest-m".into(), GIB);
+        let cached = place(&[a.clone()], &[demand("m", "*", 1, 1)], Strategy::Spread);
+        assert_eq!(cached.placed["m"], ["a"], "{cached:#?}");
+        a.on_disk.insert("digest-m".into(), GIB * 3 / 4);
+        let partial = place(&[a.clone()], &[demand("m", "*", 1, 1)], Strategy::Spread);
+        assert_eq!(
+            partial.placed["m"],
+            ["a"],
+            "a quarter GiB fits: {partial:#?}"
+        );
+        a.on_disk.insert("digest-m".into(), GIB / 4);
+        let little = place(&[a], &[demand("m", "*", 1, 1)], Strategy::Spread);
+        let reason = &little.unschedulable["m"].reasons[0];
+        assert!(reason.contains("the artifact needs 768 MiB"), "{reason}");
     }
 
     #[test]
