@@ -4,7 +4,7 @@
 //! desired state to connected agents. Changing a deployment's model starts a rollout
 //! ([`crate::rollout`]), which every placement moves on.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde_json::json;
@@ -524,7 +524,8 @@ impl Deployments {
 
     /// The size of every artifact a deployment still runs: its digest, and the digests its
     /// rollout keeps on some nodes (looked up in the registry). An artifact no deployment
-    /// runs any more is about to leave its nodes, so it has no size to count.
+    /// runs any more is about to leave every node, so it has no size to count; one that
+    /// leaves some nodes but runs on others still counts, for this pass, where it leaves.
     async fn assigned_sizes(
         &self,
         demands: &[Demand],
@@ -1009,10 +1010,9 @@ pub fn memory_needed(artifact: &ArtifactRecord, slots: u32, context_per_slot: u3
 ///
 /// An agent that lists its artifact cache in the inventory (read just before the free disk)
 /// is judged by that listing: the rest of an artifact it lists partial, nothing of one it
-/// lists complete, and all of one it does not list, unless every model it reports on that
-/// artifact failed (refused for memory, or refused at verification, which deletes the
-/// partial): that one is not coming. A model reported is matched to its deployment by name. `sizes` gives the size of each artifact a deployment
-/// still runs; any other counts nothing.
+/// lists complete, and all of one it does not list. `sizes` gives the size of each artifact
+/// a deployment still runs; any other counts nothing. An artifact the agent gave up on
+/// ([`given_up`]) counts nothing either way.
 ///
 /// An agent that does not list its cache is judged by the model states it reports: the rest
 /// of one it is pulling; nothing for one it has in full (verifying, loading or ready under
@@ -1025,12 +1025,15 @@ fn disk_pending(
     inventory: &Inventory,
     sizes: &BTreeMap<String, u64>,
     reported: &[ModelStatus],
+    given_up: &BTreeSet<String>,
 ) -> u64 {
-    let digests: std::collections::BTreeSet<&str> =
-        assigned.iter().map(|a| a.digest.as_str()).collect();
+    let digests: BTreeSet<&str> = assigned.iter().map(|a| a.digest.as_str()).collect();
     digests
         .into_iter()
         .map(|digest| {
+            if given_up.contains(digest) {
+                return 0;
+            }
             if inventory.artifacts_listed {
                 let size = sizes.get(digest).copied().unwrap_or(0);
                 let mut partial = None;
@@ -1043,18 +1046,7 @@ fn disk_pending(
                 if let Some(on_disk) = partial {
                     return size.saturating_sub(on_disk);
                 }
-                let failed = |deployment: &str| {
-                    reported.iter().any(|s| {
-                        s.name == deployment
-                            && s.digest == digest
-                            && s.state() == ModelState::Failed
-                    })
-                };
-                let given_up = assigned
-                    .iter()
-                    .filter(|a| a.digest == digest)
-                    .all(|a| failed(&a.deployment));
-                return if given_up { 0 } else { size };
+                return size;
             }
             let mut pulling: Option<u64> = None;
             for status in reported.iter().filter(|s| s.digest == digest) {
@@ -1072,6 +1064,44 @@ fn disk_pending(
         .sum()
 }
 
+/// The assigned artifacts a node's agent is not going to pull: every deployment that has
+/// one on the node reports its model failed (refused for memory, or at verification, which
+/// deletes the partial) under the settings assigned now. A report is matched to its
+/// assignment by deployment name, digest and settings, so a stale failure of an earlier
+/// assignment does not count.
+fn given_up(assigned: &[steward_db::AssignedModel], reported: &[ModelStatus]) -> BTreeSet<String> {
+    let failed = |a: &steward_db::AssignedModel| {
+        let revision = rollout::Revision {
+            digest: a.digest.clone(),
+            settings: ServingSettings {
+                slots: a.slots,
+                context_per_slot: a.context_per_slot,
+                gpu_layers: a.gpu_layers,
+            },
+        };
+        reported.iter().any(|s| {
+            s.name == a.deployment && s.state() == ModelState::Failed && revision.reported_by(s)
+        })
+    };
+    let digests: BTreeSet<&str> = assigned.iter().map(|a| a.digest.as_str()).collect();
+    digests
+        .into_iter()
+        .filter(|digest| assigned.iter().filter(|a| a.digest == *digest).all(failed))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Digest → the most bytes of it the agent lists on disk (a complete file beside a partial
+/// one left from an earlier pull counts in full).
+fn on_disk(inventory: &Inventory) -> BTreeMap<String, u64> {
+    let mut on_disk = BTreeMap::new();
+    for artifact in &inventory.artifacts {
+        let bytes: &mut u64 = on_disk.entry(artifact.digest.clone()).or_default();
+        *bytes = artifact.bytes.max(*bytes);
+    }
+    on_disk
+}
+
 /// A node as placement sees it, with `reported`: the model states its agent last reported.
 fn node_view(
     node: &NodeRecord,
@@ -1079,6 +1109,7 @@ fn node_view(
     reported: &[ModelStatus],
 ) -> NodeView {
     let inventory: Inventory = serde_json::from_str(&node.inventory_json).unwrap_or_default();
+    let given_up = given_up(&node.desired_models, reported);
     NodeView {
         id: node.id.clone(),
         name: node.name.clone(),
@@ -1095,16 +1126,16 @@ fn node_view(
             .unwrap_or(0),
         memory_limit_bytes: inventory.model_memory_limit_bytes,
         disk_free_bytes: inventory.disk_free_bytes,
-        disk_pending_bytes: disk_pending(&node.desired_models, &inventory, sizes, reported),
+        disk_pending_bytes: disk_pending(
+            &node.desired_models,
+            &inventory,
+            sizes,
+            reported,
+            &given_up,
+        ),
+        given_up,
         assigned: node.desired_models.clone(),
-        on_disk: inventory
-            .artifacts
-            .iter()
-            .fold(BTreeMap::new(), |mut on_disk, artifact| {
-                let bytes = on_disk.entry(artifact.digest.clone()).or_default();
-                *bytes = artifact.bytes.max(*bytes);
-                on_disk
-            }),
+        on_disk: on_disk(&inventory),
     }
 }
 
@@ -1219,9 +1250,12 @@ mod tests {
         // The rest of a (once) and of b; nothing of c (in full), d or e.
         let unlisted = Inventory::default();
         let sizes = BTreeMap::from([("d".to_owned(), 70)]);
-        assert_eq!(disk_pending(&models, &unlisted, &sizes, &statuses), 80 + 40);
         assert_eq!(
-            disk_pending(&models, &unlisted, &sizes, &[]),
+            disk_pending(&models, &unlisted, &sizes, &statuses, &none()),
+            80 + 40
+        );
+        assert_eq!(
+            disk_pending(&models, &unlisted, &sizes, &[], &none()),
             0,
             "nothing reported yet"
         );
@@ -1272,21 +1306,73 @@ mod tests {
         // Reports say b has 70 bytes by now, and nothing of a: the listing decides.
         let statuses = [reported("b", ModelState::Pulling, 70, 80)];
         assert_eq!(
-            disk_pending(&models, &inventory, &sizes, &statuses),
+            disk_pending(&models, &inventory, &sizes, &statuses, &none()),
             100 + 50
         );
-        // An artifact whose every model failed (refused for memory, never pulled) is not
-        // coming; one that failed for one deployment may still come for the other.
-        let failed = |deployment: &str| ModelStatus {
-            name: deployment.into(),
-            ..reported("a", ModelState::Failed, 0, 0)
-        };
-        let both = [failed("not-begun"), failed("shares-a")];
-        assert_eq!(disk_pending(&models, &inventory, &sizes, &both), 50);
-        let one = [failed("not-begun")];
-        assert_eq!(disk_pending(&models, &inventory, &sizes, &one), 100 + 50);
+        // An artifact the agent gave up on is not coming.
+        let a_given_up = BTreeSet::from(["a".to_owned()]);
+        assert_eq!(
+            disk_pending(&models, &inventory, &sizes, &[], &a_given_up),
+            50
+        );
         // An artifact no deployment runs any more (no size) is about to go: nothing.
         let sizes = BTreeMap::from([("b".to_owned(), 80)]);
-        assert_eq!(disk_pending(&models, &inventory, &sizes, &[]), 50);
+        assert_eq!(disk_pending(&models, &inventory, &sizes, &[], &none()), 50);
+    }
+
+    #[test]
+    fn a_node_has_on_disk_the_most_of_each_artifact_its_agent_lists() {
+        let inventory = Inventory {
+            artifacts: vec![
+                cached("d", 5, false),
+                cached("d", 60, true),
+                cached("b", 30, false),
+            ],
+            artifacts_listed: true,
+            ..Inventory::default()
+        };
+        assert_eq!(
+            on_disk(&inventory),
+            BTreeMap::from([("b".to_owned(), 30), ("d".to_owned(), 60)])
+        );
+    }
+
+    fn none() -> BTreeSet<String> {
+        BTreeSet::new()
+    }
+
+    /// An agent has given up on an artifact when every deployment that has it on the node
+    /// reports its model failed as assigned now (name, digest and settings).
+    #[test]
+    fn an_artifact_is_given_up_when_every_model_on_it_failed_as_assigned() {
+        let models = [
+            assigned("one", "a"),
+            assigned("two", "a"),
+            assigned("alone", "b"),
+        ];
+        let failed = |deployment: &str, digest: &str| ModelStatus {
+            name: deployment.into(),
+            assigned_slots: 1,
+            assigned_context_per_slot: 512,
+            assigned_gpu_layers: -1,
+            ..reported(digest, ModelState::Failed, 0, 0)
+        };
+        let both = [failed("one", "a"), failed("two", "a")];
+        assert_eq!(given_up(&models, &both), BTreeSet::from(["a".to_owned()]));
+        let one = [failed("one", "a"), failed("alone", "b")];
+        assert_eq!(given_up(&models, &one), BTreeSet::from(["b".to_owned()]));
+        // A failure of the deployment's earlier model, or of its earlier settings, is stale.
+        let earlier_model = [failed("alone", "old")];
+        assert!(given_up(&models, &earlier_model).is_empty());
+        let earlier_settings = [ModelStatus {
+            assigned_slots: 4,
+            ..failed("alone", "b")
+        }];
+        assert!(given_up(&models, &earlier_settings).is_empty());
+        let still_pulling = [ModelStatus {
+            state: ModelState::Pulling as i32,
+            ..failed("alone", "b")
+        }];
+        assert!(given_up(&models, &still_pulling).is_empty());
     }
 }
