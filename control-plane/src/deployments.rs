@@ -534,7 +534,7 @@ impl Deployments {
             .iter()
             .map(|d| (d.digest.clone(), d.size_bytes))
             .collect();
-        let kept: std::collections::BTreeSet<&str> = demands
+        let kept: BTreeSet<&str> = demands
             .iter()
             .flat_map(|d| d.pinned.values())
             .map(|k| k.revision.digest.as_str())
@@ -1011,8 +1011,9 @@ pub fn memory_needed(artifact: &ArtifactRecord, slots: u32, context_per_slot: u3
 /// An agent that lists its artifact cache in the inventory (read just before the free disk)
 /// is judged by that listing: the rest of an artifact it lists partial, nothing of one it
 /// lists complete, and all of one it does not list. `sizes` gives the size of each artifact
-/// a deployment still runs; any other counts nothing. An artifact the agent gave up on
-/// ([`given_up`]) counts nothing either way.
+/// a deployment still runs; any other counts nothing. One whose model the agent refused
+/// (for memory, say) counts too: the agent admits it again whenever the node's desired
+/// state changes, and may then pull it.
 ///
 /// An agent that does not list its cache is judged by the model states it reports: the rest
 /// of one it is pulling; nothing for one it has in full (verifying, loading or ready under
@@ -1025,15 +1026,11 @@ fn disk_pending(
     inventory: &Inventory,
     sizes: &BTreeMap<String, u64>,
     reported: &[ModelStatus],
-    given_up: &BTreeSet<String>,
 ) -> u64 {
     let digests: BTreeSet<&str> = assigned.iter().map(|a| a.digest.as_str()).collect();
     digests
         .into_iter()
         .map(|digest| {
-            if given_up.contains(digest) {
-                return 0;
-            }
             if inventory.artifacts_listed {
                 let size = sizes.get(digest).copied().unwrap_or(0);
                 let mut partial = None;
@@ -1064,33 +1061,6 @@ fn disk_pending(
         .sum()
 }
 
-/// The assigned artifacts a node's agent is not going to pull: every deployment that has
-/// one on the node reports its model failed (refused for memory, or at verification, which
-/// deletes the partial) under the settings assigned now. A report is matched to its
-/// assignment by deployment name, digest and settings, so a stale failure of an earlier
-/// assignment does not count.
-fn given_up(assigned: &[steward_db::AssignedModel], reported: &[ModelStatus]) -> BTreeSet<String> {
-    let failed = |a: &steward_db::AssignedModel| {
-        let revision = rollout::Revision {
-            digest: a.digest.clone(),
-            settings: ServingSettings {
-                slots: a.slots,
-                context_per_slot: a.context_per_slot,
-                gpu_layers: a.gpu_layers,
-            },
-        };
-        reported.iter().any(|s| {
-            s.name == a.deployment && s.state() == ModelState::Failed && revision.reported_by(s)
-        })
-    };
-    let digests: BTreeSet<&str> = assigned.iter().map(|a| a.digest.as_str()).collect();
-    digests
-        .into_iter()
-        .filter(|digest| assigned.iter().filter(|a| a.digest == *digest).all(failed))
-        .map(str::to_owned)
-        .collect()
-}
-
 /// Digest → the most bytes of it the agent lists on disk (a complete file beside a partial
 /// one left from an earlier pull counts in full).
 fn on_disk(inventory: &Inventory) -> BTreeMap<String, u64> {
@@ -1109,7 +1079,6 @@ fn node_view(
     reported: &[ModelStatus],
 ) -> NodeView {
     let inventory: Inventory = serde_json::from_str(&node.inventory_json).unwrap_or_default();
-    let given_up = given_up(&node.desired_models, reported);
     NodeView {
         id: node.id.clone(),
         name: node.name.clone(),
@@ -1126,14 +1095,7 @@ fn node_view(
             .unwrap_or(0),
         memory_limit_bytes: inventory.model_memory_limit_bytes,
         disk_free_bytes: inventory.disk_free_bytes,
-        disk_pending_bytes: disk_pending(
-            &node.desired_models,
-            &inventory,
-            sizes,
-            reported,
-            &given_up,
-        ),
-        given_up,
+        disk_pending_bytes: disk_pending(&node.desired_models, &inventory, sizes, reported),
         assigned: node.desired_models.clone(),
         on_disk: on_disk(&inventory),
     }
@@ -1250,12 +1212,9 @@ mod tests {
         // The rest of a (once) and of b; nothing of c (in full), d or e.
         let unlisted = Inventory::default();
         let sizes = BTreeMap::from([("d".to_owned(), 70)]);
+        assert_eq!(disk_pending(&models, &unlisted, &sizes, &statuses), 80 + 40);
         assert_eq!(
-            disk_pending(&models, &unlisted, &sizes, &statuses, &none()),
-            80 + 40
-        );
-        assert_eq!(
-            disk_pending(&models, &unlisted, &sizes, &[], &none()),
+            disk_pending(&models, &unlisted, &sizes, &[]),
             0,
             "nothing reported yet"
         );
@@ -1306,18 +1265,22 @@ mod tests {
         // Reports say b has 70 bytes by now, and nothing of a: the listing decides.
         let statuses = [reported("b", ModelState::Pulling, 70, 80)];
         assert_eq!(
-            disk_pending(&models, &inventory, &sizes, &statuses, &none()),
+            disk_pending(&models, &inventory, &sizes, &statuses),
             100 + 50
         );
-        // An artifact the agent gave up on is not coming.
-        let a_given_up = BTreeSet::from(["a".to_owned()]);
+        // A model the agent refused (for memory) is admitted again when the node's desired
+        // state changes, and then pulled: its artifact still counts.
+        let refused = [
+            reported("a", ModelState::Failed, 0, 0),
+            reported("a", ModelState::Failed, 0, 0),
+        ];
         assert_eq!(
-            disk_pending(&models, &inventory, &sizes, &[], &a_given_up),
-            50
+            disk_pending(&models, &inventory, &sizes, &refused),
+            100 + 50
         );
         // An artifact no deployment runs any more (no size) is about to go: nothing.
         let sizes = BTreeMap::from([("b".to_owned(), 80)]);
-        assert_eq!(disk_pending(&models, &inventory, &sizes, &[], &none()), 50);
+        assert_eq!(disk_pending(&models, &inventory, &sizes, &[]), 50);
     }
 
     #[test]
@@ -1335,44 +1298,5 @@ mod tests {
             on_disk(&inventory),
             BTreeMap::from([("b".to_owned(), 30), ("d".to_owned(), 60)])
         );
-    }
-
-    fn none() -> BTreeSet<String> {
-        BTreeSet::new()
-    }
-
-    /// An agent has given up on an artifact when every deployment that has it on the node
-    /// reports its model failed as assigned now (name, digest and settings).
-    #[test]
-    fn an_artifact_is_given_up_when_every_model_on_it_failed_as_assigned() {
-        let models = [
-            assigned("one", "a"),
-            assigned("two", "a"),
-            assigned("alone", "b"),
-        ];
-        let failed = |deployment: &str, digest: &str| ModelStatus {
-            name: deployment.into(),
-            assigned_slots: 1,
-            assigned_context_per_slot: 512,
-            assigned_gpu_layers: -1,
-            ..reported(digest, ModelState::Failed, 0, 0)
-        };
-        let both = [failed("one", "a"), failed("two", "a")];
-        assert_eq!(given_up(&models, &both), BTreeSet::from(["a".to_owned()]));
-        let one = [failed("one", "a"), failed("alone", "b")];
-        assert_eq!(given_up(&models, &one), BTreeSet::from(["b".to_owned()]));
-        // A failure of the deployment's earlier model, or of its earlier settings, is stale.
-        let earlier_model = [failed("alone", "old")];
-        assert!(given_up(&models, &earlier_model).is_empty());
-        let earlier_settings = [ModelStatus {
-            assigned_slots: 4,
-            ..failed("alone", "b")
-        }];
-        assert!(given_up(&models, &earlier_settings).is_empty());
-        let still_pulling = [ModelStatus {
-            state: ModelState::Pulling as i32,
-            ..failed("alone", "b")
-        }];
-        assert!(given_up(&models, &still_pulling).is_empty());
     }
 }

@@ -79,11 +79,6 @@ pub struct NodeView {
     /// Digest → bytes of it the node's agent has on disk (cached in full, or a pull's
     /// partial file), as its inventory lists them: a new replica needs only the rest.
     pub on_disk: BTreeMap<String, u64>,
-    /// Assigned artifacts its agent is not going to pull: every model on the artifact
-    /// failed as assigned (refused for memory, or at verification). They take no disk while
-    /// their assignments stay as they are; a replica this placement adds or changes on one
-    /// (which the agent tries again) counts it again.
-    pub given_up: BTreeSet<String>,
 }
 
 /// What a replica pinned during a rollout keeps, and what that costs its node.
@@ -226,12 +221,7 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
                 *used += memory;
                 // A kept replica switched to a new model (a rollout reached this node)
                 // still has that artifact to pull: its disk is taken before any new one's.
-                // One whose artifact its agent gave up on takes none while it stays as is.
-                let given_up = node.given_up.contains(&assignment.digest)
-                    && node.assigned.contains(&assignment);
-                if !given_up {
-                    count_disk(node, &assignment.digest, demand.size_bytes, &mut used_disk);
-                }
+                count_disk(node, &assignment.digest, demand.size_bytes, &mut used_disk);
                 on.insert(&node.id);
             }
         }
@@ -391,10 +381,10 @@ impl DiskUse {
     }
 
     /// Whether `node` has (or will have, by this placement) the artifact `digest` counted:
-    /// assigned before (its missing bytes are the node's pending disk), unless its agent
-    /// gave up on it, or counted by this placement.
+    /// assigned before (its missing bytes are the node's pending disk), or counted by this
+    /// placement.
     fn holds(&self, node: &NodeView, digest: &str) -> bool {
-        (node.assigned.iter().any(|a| a.digest == digest) && !node.given_up.contains(digest))
+        node.assigned.iter().any(|a| a.digest == digest)
             || self.counted.contains(&(node.id.clone(), digest.to_owned()))
     }
 
@@ -759,36 +749,6 @@ mod tests {
             p.placed["b"].is_empty(),
             "without the cache, b does not fit: {p:#?}"
         );
-    }
-
-    #[test]
-    fn an_artifact_its_agent_gave_up_on_takes_disk_again_only_for_a_replica_that_needs_it() {
-        // "old" failed on n (refused for memory, say): its artifact is not coming. n has
-        // 1.5 GiB free, every artifact is 1 GiB.
-        let mut n = node("n", 64);
-        n.disk_free_bytes = GIB * 3 / 2;
-        n.assigned = vec![running("old", "digest-old")];
-        n.given_up.insert("digest-old".into());
-        // Kept as it is, it takes nothing: c fits.
-        let demands = [demand("old", "*", 1, 1), demand("c", "*", 1, 1)];
-        let p = place(&[n.clone()], &demands, Strategy::Spread);
-        assert_eq!(p.placed["c"], ["n"], "{p:#?}");
-        // A new deployment of that artifact will pull it: it takes its 1 GiB, c does not fit.
-        let mut b = demand("b", "*", 1, 1);
-        b.digest = "digest-old".into();
-        let p = place(
-            &[n.clone()],
-            &[demands[0].clone(), b, demands[1].clone()],
-            Strategy::Spread,
-        );
-        assert_eq!(p.placed["b"], ["n"], "{p:#?}");
-        assert!(p.placed["c"].is_empty(), "{p:#?}");
-        // New settings for "old" make its agent try again: the same.
-        let mut resized = demand("old", "*", 1, 1);
-        resized.slots = 2;
-        let p = place(&[n], &[resized, demands[1].clone()], Strategy::Spread);
-        assert_eq!(p.placed["old"], ["n"], "{p:#?}");
-        assert!(p.placed["c"].is_empty(), "{p:#?}");
     }
 
     #[test]
