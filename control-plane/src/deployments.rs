@@ -695,15 +695,16 @@ impl Deployments {
         }
         let to = d.digest.clone();
         let mut next = d.clone();
-        rollout::time_steps_from(&mut next, self.started_at);
+        let now = now_unix();
+        let timed = rollout::time_steps(&mut next, self.started_at, now);
         let step = rollout::advance(
             &mut next,
             &replicas,
             |node| self.probes.state(node, &d.name, &to),
-            now_unix(),
+            now,
             self.step_timeout.as_secs() as i64,
         );
-        if step.changed {
+        if step.changed || timed {
             let events = step
                 .events
                 .iter()
@@ -720,7 +721,9 @@ impl Deployments {
             for e in &step.events {
                 tracing::info!(deployment = %d.name, action = e.action, details = %e.details, "rollout");
             }
-            next.updated_at = now_unix();
+            if step.changed {
+                next.updated_at = now;
+            }
             *d = self.fleet.store.update_deployment(&next, events).await?;
             // Probes are kept by digest: a rollout that turned back (or ended) must not
             // count an answer given in the other direction, which for new settings is the

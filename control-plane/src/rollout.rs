@@ -117,6 +117,7 @@ pub fn start(
         started_by: actor.to_owned(),
         steps: BTreeMap::new(),
         message: String::new(),
+        checked_at: Some(now),
     });
 }
 
@@ -286,15 +287,48 @@ pub fn current_model(record: &DeploymentRecord) -> ModelRef {
     }
 }
 
-/// Times the rollout's steps from `earliest` at the latest: a control plane that was down
-/// (and whose agents have not reconnected yet, so it knows none of their states) must not
-/// count that time against a step that started before it went down.
-pub fn time_steps_from(record: &mut DeploymentRecord, earliest: UnixSeconds) {
-    if let Some(rollout) = record.rollout.as_mut() {
-        for step in rollout.steps.values_mut() {
-            step.started_at = step.started_at.max(earliest);
+/// How often, at most, a control plane stores that it timed a rollout's steps: after a
+/// crash, up to this much of the time it ran counts as downtime.
+pub const CHECK_EVERY_SECS: i64 = 10;
+
+/// Leaves the time no control plane ran out of the rollout's step clocks. A control plane
+/// that was down (and whose agents have not reconnected yet, so it knows none of their
+/// states) must not count that time against a step, and one that restarts often must still
+/// time a hung step out: each step's start moves on by the downtime, from when a control
+/// plane last timed the steps (`checked_at`) to when this one `started`, once. A step begun
+/// inside that gap (after the last stored check) is timed from `started`; so is every step
+/// of a rollout stored before `checked_at` was kept.
+///
+/// Then records `now` as checked when the stored check is [`CHECK_EVERY_SECS`] old or
+/// predates `started`. Returns whether the record changed and must be stored.
+pub fn time_steps(record: &mut DeploymentRecord, started: UnixSeconds, now: UnixSeconds) -> bool {
+    let Some(rollout) = record.rollout.as_mut() else {
+        return false;
+    };
+    match rollout.checked_at {
+        Some(checked) if checked >= started => {
+            if now - checked < CHECK_EVERY_SECS {
+                return false;
+            }
+        }
+        Some(checked) => {
+            let down = started - checked;
+            for step in rollout.steps.values_mut() {
+                step.started_at = if step.started_at <= checked {
+                    step.started_at + down
+                } else {
+                    step.started_at.max(started)
+                };
+            }
+        }
+        None => {
+            for step in rollout.steps.values_mut() {
+                step.started_at = step.started_at.max(started);
+            }
         }
     }
+    rollout.checked_at = Some(now);
+    true
 }
 
 /// Moves a progressing or rolling-back rollout on; see the module docs.
@@ -932,8 +966,9 @@ mod tests {
         start(&mut d, new_model(), SETTINGS, "admin", 0);
         switched(&mut d, "a", None);
         let nodes = [replica("a", "new", None), replica("b", "old", None)];
-        // Restarted at 1000, long after the step began at 0; no agent has reported yet.
-        time_steps_from(&mut d, 1000);
+        // Restarted at 1000, long after the step began at 0 and was last timed; no agent
+        // has reported yet.
+        assert!(time_steps(&mut d, 1000, 1001));
         let a = advance(&mut d, &nodes, |_| Probe::NotSent, 1001, TIMEOUT);
         assert!(a.events.is_empty(), "{a:?}");
         assert_eq!(d.rollout.as_ref().unwrap().phase, RolloutPhase::Progressing);
@@ -957,8 +992,78 @@ mod tests {
                 verified_at: None,
             },
         );
-        time_steps_from(&mut d, 1000);
+        assert!(time_steps(&mut d, 1000, 2001));
         assert_eq!(d.rollout.as_ref().unwrap().steps["id-a"].started_at, 2000);
+    }
+
+    #[test]
+    fn only_the_downtime_since_the_last_check_is_left_out_of_a_step() {
+        let mut d = record(1);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        let steps = |d: &DeploymentRecord| {
+            let rollout = d.rollout.as_ref().unwrap();
+            (
+                rollout.steps["id-a"].started_at,
+                rollout.steps.get("id-b").map(|s| s.started_at),
+                rollout.checked_at,
+            )
+        };
+        switched(&mut d, "a", None);
+        d.rollout
+            .as_mut()
+            .unwrap()
+            .steps
+            .get_mut("id-a")
+            .unwrap()
+            .started_at = 100;
+        // Timed by a control plane started at 50: stored at most every CHECK_EVERY_SECS.
+        assert!(time_steps(&mut d, 50, 120));
+        assert!(!time_steps(&mut d, 50, 120 + CHECK_EVERY_SECS - 1));
+        assert_eq!(steps(&d), (100, None, Some(120)));
+        // b switched after that check; then the control plane died, and one started at 400.
+        switched(&mut d, "b", None);
+        d.rollout
+            .as_mut()
+            .unwrap()
+            .steps
+            .get_mut("id-b")
+            .unwrap()
+            .started_at = 125;
+        assert!(time_steps(&mut d, 400, 401));
+        assert_eq!(
+            steps(&d),
+            (100 + (400 - 120), Some(400), Some(401)),
+            "a moves on by the downtime; b, begun in the gap, counts from the restart"
+        );
+        // Once per start: the next timing leaves the steps alone.
+        assert!(!time_steps(&mut d, 400, 402));
+        assert_eq!(steps(&d).0, 380);
+    }
+
+    #[test]
+    fn a_control_plane_that_restarts_often_still_times_out_a_hung_step() {
+        let mut d = record(1);
+        start(&mut d, new_model(), SETTINGS, "admin", 0);
+        switched(&mut d, "a", None);
+        let nodes = [replica("a", "new", None), replica("b", "old", None)];
+        // A control plane runs 90 s (storing its checks), crashes, and is back 10 s later,
+        // over and over, with the agent's new model never ready.
+        let mut rolled_back_at = None;
+        'restarts: for started in (0..20).map(|i| i * 100) {
+            for now in started..started + 90 {
+                time_steps(&mut d, started, now);
+                let a = advance(&mut d, &nodes, |_| Probe::NotSent, now, TIMEOUT);
+                if !a.events.is_empty() {
+                    assert_eq!(actions(&a), ["deployment.rollback"]);
+                    rolled_back_at = Some(now);
+                    break 'restarts;
+                }
+            }
+        }
+        let at = rolled_back_at.expect("the hung step never timed out");
+        // The step timed out after TIMEOUT seconds of control plane time, each restart's
+        // downtime (up to the last stored check) left out.
+        assert!(at > TIMEOUT && at < 2 * TIMEOUT, "rolled back at {at}");
     }
 
     #[test]

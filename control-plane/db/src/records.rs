@@ -351,6 +351,12 @@ pub struct Rollout {
     pub steps: BTreeMap<String, RolloutStep>,
     /// Why it was rolled back, when it was.
     pub message: String,
+    /// When a control plane last timed the steps (stored every few seconds while the
+    /// rollout is active): after a restart, the time from then until the new control plane
+    /// started is downtime, which does not count against a step. `None` in rollouts stored
+    /// before it was kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<UnixSeconds>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
