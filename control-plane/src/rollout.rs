@@ -287,8 +287,8 @@ pub fn current_model(record: &DeploymentRecord) -> ModelRef {
     }
 }
 
-/// How often, at most, a control plane stores that it timed a rollout's steps: after a
-/// crash, up to this much of the time it ran counts as downtime.
+/// How often, at most, a control plane stores that it timed a rollout's steps once it has
+/// run a while: after a crash, up to this much of the time it ran counts as downtime.
 pub const CHECK_EVERY_SECS: i64 = 10;
 
 /// Leaves the time no control plane ran out of the rollout's step clocks. A control plane
@@ -299,15 +299,19 @@ pub const CHECK_EVERY_SECS: i64 = 10;
 /// inside that gap (after the last stored check) is timed from `started`; so is every step
 /// of a rollout stored before `checked_at` was kept.
 ///
-/// Then records `now` as checked when the stored check is [`CHECK_EVERY_SECS`] old or
-/// predates `started`. Returns whether the record changed and must be stored.
+/// Then records `now` as checked when the stored check predates `started`, lies in the
+/// future (a clock set back), or is as old as half the time since `started` (at least 1 s,
+/// at most [`CHECK_EVERY_SECS`]): a control plane that crashes soon after it starts has
+/// stored checks often enough that at least half of its run counts. Returns whether the
+/// record changed and must be stored.
 pub fn time_steps(record: &mut DeploymentRecord, started: UnixSeconds, now: UnixSeconds) -> bool {
     let Some(rollout) = record.rollout.as_mut() else {
         return false;
     };
     match rollout.checked_at {
         Some(checked) if checked >= started => {
-            if now - checked < CHECK_EVERY_SECS {
+            let every = ((now - started) / 2).clamp(1, CHECK_EVERY_SECS);
+            if (0..every).contains(&(now - checked)) {
                 return false;
             }
         }
@@ -1016,10 +1020,16 @@ mod tests {
             .get_mut("id-a")
             .unwrap()
             .started_at = 100;
-        // Timed by a control plane started at 50: stored at most every CHECK_EVERY_SECS.
+        // Timed by a control plane started at 50: stored at most every CHECK_EVERY_SECS
+        // once it has run a while, and again when the clock was set back.
         assert!(time_steps(&mut d, 50, 120));
         assert!(!time_steps(&mut d, 50, 120 + CHECK_EVERY_SECS - 1));
-        assert_eq!(steps(&d), (100, None, Some(120)));
+        assert!(
+            time_steps(&mut d, 50, 119),
+            "a check in the future is stored again"
+        );
+        assert!(!time_steps(&mut d, 50, 120));
+        assert_eq!(steps(&d), (100, None, Some(119)));
         // b switched after that check; then the control plane died, and one started at 400.
         switched(&mut d, "b", None);
         d.rollout
@@ -1032,38 +1042,45 @@ mod tests {
         assert!(time_steps(&mut d, 400, 401));
         assert_eq!(
             steps(&d),
-            (100 + (400 - 120), Some(400), Some(401)),
+            (100 + (400 - 119), Some(400), Some(401)),
             "a moves on by the downtime; b, begun in the gap, counts from the restart"
         );
         // Once per start: the next timing leaves the steps alone.
-        assert!(!time_steps(&mut d, 400, 402));
-        assert_eq!(steps(&d).0, 380);
+        assert!(
+            time_steps(&mut d, 400, 402),
+            "just after a start, checks are stored every second"
+        );
+        assert_eq!(steps(&d).0, 381);
     }
 
     #[test]
     fn a_control_plane_that_restarts_often_still_times_out_a_hung_step() {
-        let mut d = record(1);
-        start(&mut d, new_model(), SETTINGS, "admin", 0);
-        switched(&mut d, "a", None);
-        let nodes = [replica("a", "new", None), replica("b", "old", None)];
-        // A control plane runs 90 s (storing its checks), crashes, and is back 10 s later,
-        // over and over, with the agent's new model never ready.
-        let mut rolled_back_at = None;
-        'restarts: for started in (0..20).map(|i| i * 100) {
-            for now in started..started + 90 {
-                time_steps(&mut d, started, now);
-                let a = advance(&mut d, &nodes, |_| Probe::NotSent, now, TIMEOUT);
-                if !a.events.is_empty() {
-                    assert_eq!(actions(&a), ["deployment.rollback"]);
-                    rolled_back_at = Some(now);
-                    break 'restarts;
+        // A control plane runs `run` seconds (timing the steps each second), crashes, and
+        // is back `down` seconds later, over and over, with the agent's new model never
+        // ready: the step times out after TIMEOUT seconds of control-plane time, each
+        // restart's downtime (from the last stored check) left out.
+        for (run, down) in [(90, 10), (5, 1)] {
+            let mut d = record(1);
+            start(&mut d, new_model(), SETTINGS, "admin", 0);
+            switched(&mut d, "a", None);
+            let nodes = [replica("a", "new", None), replica("b", "old", None)];
+            let mut rolled_back_at = None;
+            let cycles = 4 * TIMEOUT / (run + down);
+            'restarts: for started in (0..cycles).map(|i| i * (run + down)) {
+                for now in started..started + run {
+                    time_steps(&mut d, started, now);
+                    let a = advance(&mut d, &nodes, |_| Probe::NotSent, now, TIMEOUT);
+                    if !a.events.is_empty() {
+                        assert_eq!(actions(&a), ["deployment.rollback"]);
+                        rolled_back_at = Some(now);
+                        break 'restarts;
+                    }
                 }
             }
+            let at = rolled_back_at
+                .unwrap_or_else(|| panic!("runs of {run} s: the hung step never timed out"));
+            assert!(at > TIMEOUT, "runs of {run} s: rolled back at {at}");
         }
-        let at = rolled_back_at.expect("the hung step never timed out");
-        // The step timed out after TIMEOUT seconds of control plane time, each restart's
-        // downtime (up to the last stored check) left out.
-        assert!(at > TIMEOUT && at < 2 * TIMEOUT, "rolled back at {at}");
     }
 
     #[test]
