@@ -634,11 +634,20 @@ mod tests {
 
     /// Records `node` as switched at time 0, proven at `verified_at`.
     fn switched(d: &mut DeploymentRecord, node: &str, verified_at: Option<UnixSeconds>) {
+        switched_at(d, node, 0, verified_at);
+    }
+
+    fn switched_at(
+        d: &mut DeploymentRecord,
+        node: &str,
+        started_at: UnixSeconds,
+        verified_at: Option<UnixSeconds>,
+    ) {
         d.rollout.as_mut().unwrap().steps.insert(
             format!("id-{node}"),
             RolloutStep {
                 node_name: node.into(),
-                started_at: 0,
+                started_at,
                 verified_at,
             },
         );
@@ -988,14 +997,7 @@ mod tests {
         // A step begun after the restart keeps its own start.
         let mut d = record(1);
         start(&mut d, new_model(), SETTINGS, "admin", 0);
-        d.rollout.as_mut().unwrap().steps.insert(
-            "id-a".into(),
-            RolloutStep {
-                node_name: "a".into(),
-                started_at: 2000,
-                verified_at: None,
-            },
-        );
+        switched_at(&mut d, "a", 2000, None);
         assert!(time_steps(&mut d, 1000, 2001));
         assert_eq!(d.rollout.as_ref().unwrap().steps["id-a"].started_at, 2000);
     }
@@ -1012,14 +1014,7 @@ mod tests {
                 rollout.checked_at,
             )
         };
-        switched(&mut d, "a", None);
-        d.rollout
-            .as_mut()
-            .unwrap()
-            .steps
-            .get_mut("id-a")
-            .unwrap()
-            .started_at = 100;
+        switched_at(&mut d, "a", 100, None);
         // Timed by a control plane started at 50: stored at most every CHECK_EVERY_SECS
         // once it has run a while, and again when the clock was set back.
         assert!(time_steps(&mut d, 50, 120));
@@ -1031,14 +1026,7 @@ mod tests {
         assert!(!time_steps(&mut d, 50, 120));
         assert_eq!(steps(&d), (100, None, Some(119)));
         // b switched after that check; then the control plane died, and one started at 400.
-        switched(&mut d, "b", None);
-        d.rollout
-            .as_mut()
-            .unwrap()
-            .steps
-            .get_mut("id-b")
-            .unwrap()
-            .started_at = 125;
+        switched_at(&mut d, "b", 125, None);
         assert!(time_steps(&mut d, 400, 401));
         assert_eq!(
             steps(&d),
