@@ -1011,9 +1011,9 @@ pub fn memory_needed(artifact: &ArtifactRecord, slots: u32, context_per_slot: u3
 /// Bytes the assigned artifacts still need on a node, beyond the free disk its inventory
 /// reports. An artifact two deployments share counts once.
 ///
-/// An agent that lists its artifact cache in the inventory (read just before the free disk)
-/// is judged by that listing: the rest of an artifact it lists partial, nothing of one it
-/// lists complete, and all of one it does not list. `sizes` gives the size of each artifact
+/// An agent that lists its artifact cache in the inventory (read just before the free disk,
+/// given here as `on_disk`) is judged by that listing: what the cache lacks of each
+/// artifact (nothing of one complete, the rest of a partial one, all of one not listed). `sizes` gives the size of each artifact
 /// a deployment still runs; any other counts nothing. One whose model the agent refused
 /// (for memory, say) counts too: the agent admits it again whenever the node's desired
 /// state changes, and may then pull it.
@@ -1026,7 +1026,7 @@ pub fn memory_needed(artifact: &ArtifactRecord, slots: u32, context_per_slot: u3
 /// another.
 fn disk_pending(
     assigned: &[steward_db::AssignedModel],
-    inventory: &Inventory,
+    on_disk: Option<&BTreeMap<String, u64>>,
     sizes: &BTreeMap<String, u64>,
     reported: &[ModelStatus],
 ) -> u64 {
@@ -1034,19 +1034,9 @@ fn disk_pending(
     digests
         .into_iter()
         .map(|digest| {
-            if inventory.artifacts_listed {
+            if let Some(on_disk) = on_disk {
                 let size = sizes.get(digest).copied().unwrap_or(0);
-                let mut partial = None;
-                for artifact in inventory.artifacts.iter().filter(|a| a.digest == digest) {
-                    if artifact.complete {
-                        return 0;
-                    }
-                    partial = Some(artifact.bytes);
-                }
-                if let Some(on_disk) = partial {
-                    return size.saturating_sub(on_disk);
-                }
-                return size;
+                return size.saturating_sub(on_disk.get(digest).copied().unwrap_or(0));
             }
             let mut pulling: Option<u64> = None;
             for status in reported.iter().filter(|s| s.digest == digest) {
@@ -1082,6 +1072,8 @@ fn node_view(
     reported: &[ModelStatus],
 ) -> NodeView {
     let inventory: Inventory = serde_json::from_str(&node.inventory_json).unwrap_or_default();
+    let on_disk = on_disk(&inventory);
+    let listed = inventory.artifacts_listed.then_some(&on_disk);
     NodeView {
         id: node.id.clone(),
         name: node.name.clone(),
@@ -1098,9 +1090,9 @@ fn node_view(
             .unwrap_or(0),
         memory_limit_bytes: inventory.model_memory_limit_bytes,
         disk_free_bytes: inventory.disk_free_bytes,
-        disk_pending_bytes: disk_pending(&node.desired_models, &inventory, sizes, reported),
+        disk_pending_bytes: disk_pending(&node.desired_models, listed, sizes, reported),
         assigned: node.desired_models.clone(),
-        on_disk: on_disk(&inventory),
+        on_disk,
     }
 }
 
@@ -1213,11 +1205,10 @@ mod tests {
             reported("e", ModelState::Failed, 0, 0),
         ];
         // The rest of a (once) and of b; nothing of c (in full), d or e.
-        let unlisted = Inventory::default();
         let sizes = BTreeMap::from([("d".to_owned(), 70)]);
-        assert_eq!(disk_pending(&models, &unlisted, &sizes, &statuses), 80 + 40);
+        assert_eq!(disk_pending(&models, None, &sizes, &statuses), 80 + 40);
         assert_eq!(
-            disk_pending(&models, &unlisted, &sizes, &[]),
+            disk_pending(&models, None, &sizes, &[]),
             0,
             "nothing reported yet"
         );
@@ -1268,7 +1259,7 @@ mod tests {
         // Reports say b has 70 bytes by now, and nothing of a: the listing decides.
         let statuses = [reported("b", ModelState::Pulling, 70, 80)];
         assert_eq!(
-            disk_pending(&models, &inventory, &sizes, &statuses),
+            disk_pending(&models, Some(&on_disk(&inventory)), &sizes, &statuses),
             100 + 50
         );
         // A model the agent refused (for memory) is admitted again when the node's desired
@@ -1278,12 +1269,15 @@ mod tests {
             reported("a", ModelState::Failed, 0, 0),
         ];
         assert_eq!(
-            disk_pending(&models, &inventory, &sizes, &refused),
+            disk_pending(&models, Some(&on_disk(&inventory)), &sizes, &refused),
             100 + 50
         );
         // An artifact no deployment runs any more (no size) is about to go: nothing.
         let sizes = BTreeMap::from([("b".to_owned(), 80)]);
-        assert_eq!(disk_pending(&models, &inventory, &sizes, &[]), 50);
+        assert_eq!(
+            disk_pending(&models, Some(&on_disk(&inventory)), &sizes, &[]),
+            50
+        );
     }
 
     #[test]
