@@ -522,34 +522,6 @@ impl Deployments {
         error
     }
 
-    /// The size of every artifact a deployment still runs: its digest, and the digests its
-    /// rollout keeps on some nodes (looked up in the registry). An artifact no deployment
-    /// runs any more is about to leave every node, so it has no size to count; one that
-    /// leaves some nodes but runs on others still counts, for this pass, where it leaves.
-    async fn assigned_sizes(
-        &self,
-        demands: &[Demand],
-    ) -> Result<BTreeMap<String, u64>, DeployError> {
-        let mut sizes: BTreeMap<String, u64> = demands
-            .iter()
-            .map(|d| (d.digest.clone(), d.size_bytes))
-            .collect();
-        let kept: BTreeSet<&str> = demands
-            .iter()
-            .flat_map(|d| d.pinned.values())
-            .map(|k| k.revision.digest.as_str())
-            .collect();
-        for digest in kept {
-            if sizes.contains_key(digest) {
-                continue;
-            }
-            if let Some(artifact) = self.fleet.store.find_artifact(digest).await? {
-                sizes.insert(digest.to_owned(), artifact.size_bytes);
-            }
-        }
-        Ok(sizes)
-    }
-
     /// Moves progressing rollouts on (storing each step with its audit events first),
     /// re-runs placement over every node and deployment, stores each node's assigned
     /// models (bumping its desired generation where they changed) and pushes the new
@@ -577,7 +549,7 @@ impl Deployments {
             }
         }
         self.audit_new_refusals(&refused).await;
-        let sizes = self.assigned_sizes(&demands).await?;
+        let sizes = assigned_sizes(&demands);
         let views: Vec<NodeView> = nodes
             .iter()
             .map(|node| node_view(node, &sizes, &self.fleet.sessions.models(&node.id)))
@@ -896,24 +868,32 @@ impl Deployments {
                 others.insert(digest.clone(), found);
             }
         }
-        let cost = |revision: &rollout::Revision| {
-            let artifact = others
+        let artifact = |revision: &rollout::Revision| {
+            others
                 .get(&revision.digest)
                 .and_then(Option::as_ref)
-                .unwrap_or(current);
+                .unwrap_or(current)
+        };
+        let cost = |revision: &rollout::Revision| {
             let settings = &revision.settings;
-            memory_needed(artifact, settings.slots, settings.context_per_slot)
+            memory_needed(
+                artifact(revision),
+                settings.slots,
+                settings.context_per_slot,
+            )
         };
         let reserved = way_back.map_or(0, cost);
         Ok(pinned
             .into_iter()
             .map(|(node, revision)| {
                 let memory_bytes = cost(&revision).max(reserved);
+                let size_bytes = artifact(&revision).size_bytes;
                 (
                     node,
                     Kept {
                         revision,
                         memory_bytes,
+                        size_bytes,
                     },
                 )
             })
@@ -1052,6 +1032,19 @@ fn disk_pending(
             pulling.unwrap_or(0)
         })
         .sum()
+}
+
+/// The size of every artifact a deployment still runs: its digest, and the digests its
+/// rollout keeps on some nodes. An artifact no deployment runs any more is about to leave
+/// every node, so it has no size to count; one that leaves some nodes but runs on others
+/// still counts, for this pass, where it leaves.
+fn assigned_sizes(demands: &[Demand]) -> BTreeMap<String, u64> {
+    let kept = demands
+        .iter()
+        .flat_map(|d| d.pinned.values())
+        .map(|k| (k.revision.digest.clone(), k.size_bytes));
+    let current = demands.iter().map(|d| (d.digest.clone(), d.size_bytes));
+    kept.chain(current).collect()
 }
 
 /// Digest → the most bytes of it the agent lists on disk (a complete file beside a partial

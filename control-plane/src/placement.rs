@@ -88,6 +88,8 @@ pub struct Kept {
     /// Memory to load the kept model with the kept settings (not the new ones'), and no
     /// less than what the revision its rollout would go back to needs.
     pub memory_bytes: u64,
+    /// The kept artifact's size on disk.
+    pub size_bytes: u64,
 }
 
 /// A deployment as placement sees it.
@@ -212,7 +214,7 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
                 {
                     continue;
                 }
-                let (assignment, memory) = assignment_on(demand, node, true);
+                let (assignment, memory, size_bytes) = assignment_on(demand, node, true);
                 let used = used_memory.entry(&node.id).or_default();
                 let limit = node.memory_limit_bytes;
                 if !pinned && limit > 0 && used.saturating_add(memory) > limit {
@@ -221,7 +223,7 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
                 *used += memory;
                 // A kept replica switched to a new model (a rollout reached this node)
                 // still has that artifact to pull: its disk is taken before any new one's.
-                count_disk(node, &assignment.digest, demand.size_bytes, &mut used_disk);
+                count_disk(node, &assignment.digest, size_bytes, &mut used_disk);
                 on.insert(&node.id);
             }
         }
@@ -260,10 +262,10 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
         for node in &nodes {
             if chosen.contains(node.id.as_str()) {
                 let keeps = kept_here.contains(node.id.as_str());
-                let (assignment, memory) = assignment_on(demand, node, keeps);
+                let (assignment, memory, size_bytes) = assignment_on(demand, node, keeps);
                 if !keeps {
                     *used_memory.entry(&node.id).or_default() += memory;
-                    count_disk(node, &assignment.digest, demand.size_bytes, &mut used_disk);
+                    count_disk(node, &assignment.digest, size_bytes, &mut used_disk);
                 }
                 out.nodes
                     .get_mut(&node.id)
@@ -290,13 +292,14 @@ pub fn place(nodes: &[NodeView], demands: &[Demand], strategy: Strategy) -> Plac
 /// What a replica of `demand` on `node` runs, and the memory that takes: a replica kept
 /// where a rollout pins it keeps the pinned model and settings; every other one (a new
 /// replica too) takes the deployment's.
-fn assignment_on(demand: &Demand, node: &NodeView, kept: bool) -> (AssignedModel, u64) {
+fn assignment_on(demand: &Demand, node: &NodeView, kept: bool) -> (AssignedModel, u64, u64) {
     let pin = demand.pinned.get(&node.id).filter(|_| kept);
-    let (digest, settings, memory) = match pin {
+    let (digest, settings, memory, size_bytes) = match pin {
         Some(kept) => (
             &kept.revision.digest,
             kept.revision.settings,
             kept.memory_bytes,
+            kept.size_bytes,
         ),
         None => (
             &demand.digest,
@@ -306,6 +309,7 @@ fn assignment_on(demand: &Demand, node: &NodeView, kept: bool) -> (AssignedModel
                 gpu_layers: demand.gpu_layers,
             },
             demand.memory_bytes,
+            demand.size_bytes,
         ),
     };
     let assignment = AssignedModel {
@@ -315,7 +319,7 @@ fn assignment_on(demand: &Demand, node: &NodeView, kept: bool) -> (AssignedModel
         context_per_slot: settings.context_per_slot,
         gpu_layers: settings.gpu_layers,
     };
-    (assignment, memory)
+    (assignment, memory, size_bytes)
 }
 
 /// Why `node` cannot take a new replica of `demand`, if it cannot.
@@ -475,6 +479,7 @@ mod tests {
                 },
             },
             memory_bytes: memory_gib * GIB,
+            size_bytes: GIB,
         }
     }
 
@@ -748,6 +753,26 @@ mod tests {
         assert!(
             p.placed["b"].is_empty(),
             "without the cache, b does not fit: {p:#?}"
+        );
+    }
+
+    #[test]
+    fn a_pinned_replica_takes_the_disk_of_the_artifact_it_keeps() {
+        // A rollout pins m on n to a 2 GiB artifact n does not hold; m's own is 1 GiB. With
+        // 2.5 GiB free, z (1 GiB) no longer fits beside it.
+        let mut n = node("n", 64);
+        n.disk_free_bytes = GIB * 5 / 2;
+        n.assigned = vec![running("m", "digest-other")];
+        let mut m = demand("m", "*", 1, 1);
+        let mut keep = kept("digest-kept", 1);
+        keep.size_bytes = 2 * GIB;
+        m.pinned.insert("id-n".into(), keep);
+        let p = place(&[n], &[m, demand("z", "*", 1, 1)], Strategy::Spread);
+        assert_eq!(p.nodes["id-n"][0].digest, "digest-kept", "{p:#?}");
+        assert!(p.placed["z"].is_empty(), "{p:#?}");
+        assert!(
+            p.unschedulable["z"].reasons[0].contains("not enough disk"),
+            "{p:#?}"
         );
     }
 
